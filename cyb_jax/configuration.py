@@ -1,0 +1,295 @@
+"""Config checks: the command line before parsing, and field values before compiling.
+
+`check_command_line` runs before absl parses flags, so that a missing config
+file, an unknown `--config.` key or a malformed value fails at once with a
+message that names the problem and the fix instead of a traceback.
+`validate` checks the meaning of the fields; `validate_for_mesh` checks what
+must divide the device mesh.
+"""
+
+import ast
+import difflib
+import importlib.util
+import json
+import os
+import unicodedata
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+
+from cyb_jax import objective
+
+LOSS_NAMES = ("ce", "pause_ce", "ap", "va", "dp")
+CYB_LOSSES = ("ap", "va", "dp")
+VISIBILITY_MODES = ("visible", "private")
+PAUSE_INPUTS = ("code", "token+code")
+DISCOUNT_KINDS = ("constant", "linear", "exponential")
+
+
+class ConfigError(ValueError):
+    """A config file, override or field value that cannot be used as given."""
+
+
+# Characters from other scripts that render like ASCII letters in common fonts.
+_LOOKALIKES = {
+    "а": "a",
+    "в": "b",
+    "е": "e",
+    "к": "k",
+    "м": "m",
+    "н": "h",
+    "о": "o",
+    "р": "p",
+    "с": "c",
+    "т": "t",
+    "у": "y",
+    "х": "x",
+    "ѕ": "s",
+    "і": "i",
+    "ј": "j",
+    "ԁ": "d",
+    "А": "A",
+    "В": "B",
+    "Е": "E",
+    "К": "K",
+    "М": "M",
+    "Н": "H",
+    "О": "O",
+    "Р": "P",
+    "С": "C",
+    "Т": "T",
+    "Х": "X",
+    "α": "a",
+    "ο": "o",
+    "ρ": "p",
+    "ν": "v",
+    "ι": "i",
+    "Α": "A",
+    "Β": "B",
+    "Ε": "E",
+    "Ο": "O",
+    "Ρ": "P",
+    "Τ": "T",
+    "‐": "-",
+    "‑": "-",
+    "–": "-",
+    "—": "-",
+    "−": "-",
+    "＿": "_",
+    "．": ".",
+    "／": "/",
+}
+
+
+def _ascii_lookalike(text: str) -> str:
+    """Replace characters that look like ASCII by the ASCII they imitate."""
+    replaced = []
+    for char in text:
+        if char in _LOOKALIKES:
+            replaced.append(_LOOKALIKES[char])
+        else:
+            decomposed = unicodedata.normalize("NFKD", char)
+            replaced.append(decomposed if decomposed.isascii() and decomposed else char)
+    return "".join(replaced)
+
+
+def missing_config_message(path: str) -> str:
+    """Explain why the config file `path` is not found and what was probably meant."""
+    foreign = [(i, c) for i, c in enumerate(path) if not c.isascii()]
+    if foreign:
+        intended = _ascii_lookalike(path)
+        described = ", ".join(
+            f"{c!r} (U+{ord(c):04X} {unicodedata.name(c, 'unnamed character')}) at position {i}"
+            for i, c in foreign
+        )
+        if os.path.isfile(intended):
+            return (
+                f"Config file {path!r} not found. The path contains the non-ASCII character {described}, "
+                f"which looks like ASCII; did you mean --config={intended}?"
+            )
+        return f"Config file {path!r} not found. The path contains the non-ASCII character {described}."
+    folder = os.path.dirname(path) or "."
+    candidates = sorted(
+        name
+        for name in (os.listdir(folder) if os.path.isdir(folder) else [])
+        if name.endswith(".py")
+    )
+    close = difflib.get_close_matches(os.path.basename(path), candidates, n=1)
+    hint = f" Did you mean --config={os.path.join(folder, close[0])}?" if close else ""
+    listing = (
+        f" Config files in {folder}/: {', '.join(candidates)}."
+        if candidates
+        else (" Run from the repository root, where configs/ holds the config files.")
+    )
+    return f"Config file {path!r} not found.{hint}{listing}"
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    """Import a config file and return its `get_config()`."""
+    if not os.path.isfile(path):
+        raise ConfigError(missing_config_message(path))
+    spec = importlib.util.spec_from_file_location("_cyb_jax_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"Config file {path!r} defines no get_config() function.")
+    return module.get_config()
+
+
+def _parse_override(key: str, text: str, config: ml_collections.ConfigDict) -> Any:
+    """Check that `text` parses as the type of field `key`, the way ml_collections will parse it."""
+    parent, _, leaf = key.rpartition(".")
+    section = config
+    for part in parent.split(".") if parent else []:
+        section = section[part]
+    field_type = section.get_type(leaf)
+    if field_type is bool:
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ConfigError(f"Invalid value {text!r} for --config.{key}: expected true or false.")
+        return None
+    if field_type in (int, float):
+        try:
+            field_type(text)
+        except ValueError:
+            raise ConfigError(
+                f"Invalid value {text!r} for --config.{key}: expected a number of type "
+                f"{field_type.__name__} (default {section[leaf]!r})."
+            ) from None
+        return None
+    if field_type in (tuple, list):
+        try:
+            ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise ConfigError(
+                f"Invalid value {text!r} for --config.{key}: expected a Python literal "
+                f"such as {section[leaf]!r}."
+            ) from None
+    return None
+
+
+def _known_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    keys = []
+    for name, value in config.items():
+        full = f"{prefix}{name}"
+        if isinstance(value, ml_collections.ConfigDict):
+            keys.extend(_known_keys(value, full + "."))
+        else:
+            keys.append(full)
+    return keys
+
+
+def check_command_line(argv: Sequence[str], flag: str = "config") -> None:
+    """Check `--config=PATH` and every `--config.key=value` before absl parses them."""
+    config_path, overrides = None, []
+    arguments = list(argv)
+    for index, argument in enumerate(arguments):
+        if argument.startswith(f"--{flag}="):
+            config_path = argument.split("=", 1)[1]
+        elif argument == f"--{flag}" and index + 1 < len(arguments):
+            config_path = arguments[index + 1]
+        elif argument.startswith(f"--{flag}."):
+            name, has_value, value = argument[len(flag) + 3 :].partition("=")
+            overrides.append((name, value if has_value else None))
+    if config_path is None:
+        raise ConfigError(f"Missing --{flag}=PATH, e.g. --{flag}=configs/ap.py.")
+    config = load_config_file(config_path)
+    known = _known_keys(config)
+    for name, value in overrides:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" Did you mean --{flag}.{close[0]}?" if close else ""
+            raise ConfigError(f"Unknown config field --{flag}.{name} for {config_path}.{hint}")
+        if value is not None:
+            _parse_override(name, value, config)
+
+
+def _check_choice(value: Any, choices: Sequence[str], field: str) -> None:
+    if value not in choices:
+        raise ConfigError(
+            f"config.{field}={value!r} is invalid; expected one of {', '.join(choices)}."
+        )
+
+
+def _check_positive(config: ml_collections.ConfigDict, fields: Sequence[str]) -> None:
+    for field in fields:
+        value = config
+        for part in field.split("."):
+            value = value[part]
+        if not value > 0:
+            raise ConfigError(f"config.{field} must be positive, got {value!r}.")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Check field values and combinations before anything is built or compiled."""
+    _check_choice(config.loss.name, LOSS_NAMES, "loss.name")
+    _check_choice(config.model.pause_visibility, VISIBILITY_MODES, "model.pause_visibility")
+    _check_choice(config.pause.input, PAUSE_INPUTS, "pause.input")
+    _check_choice(config.loss.discount_kind, DISCOUNT_KINDS, "loss.discount_kind")
+    _check_positive(
+        config,
+        (
+            "total_steps",
+            "eval_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "log_every",
+            "pause.window",
+            "data.seq_len",
+            "data.batch_size",
+            "data.vocab_size",
+            "model.num_layers",
+            "model.d_model",
+            "model.num_heads",
+            "model.mlp_dim",
+            "model.vocab_multiple",
+            "optimizer.learning_rate",
+        ),
+    )
+    window = config.pause.window
+    if config.loss.name == "ce" and window != 1:
+        raise ConfigError(
+            f"config.loss.name='ce' trains without pauses but config.pause.window={window}; "
+            "set --config.pause.window=1 or pick a pause loss (pause_ce, ap, va, dp)."
+        )
+    if config.model.d_model % config.model.num_heads:
+        raise ConfigError(
+            f"config.model.d_model={config.model.d_model} is not divisible by "
+            f"config.model.num_heads={config.model.num_heads}."
+        )
+    if (config.model.d_model // config.model.num_heads) % 2:
+        raise ConfigError("The head dimension d_model / num_heads must be even for RoPE.")
+    dk_prior = config.model.dk_prior
+    if dk_prior is not None and not 0.0 < dk_prior < 1.0:
+        raise ConfigError(f"config.model.dk_prior must lie in (0, 1) or be None, got {dk_prior!r}.")
+    if config.loss.step_ce_weight < 0 or config.loss.dk_warmup_steps < 0:
+        raise ConfigError(
+            "config.loss.step_ce_weight and config.loss.dk_warmup_steps must be >= 0."
+        )
+    if config.init_from and not os.path.isdir(config.init_from):
+        raise ConfigError(f"config.init_from={config.init_from!r} is not a directory.")
+    try:
+        objective.make_loss_fn(config)  # the loss factory validates distributions and names
+    except ValueError as error:
+        raise ConfigError(f"Invalid loss settings in config.loss: {error}") from None
+
+
+def validate_for_mesh(config: ml_collections.ConfigDict, mesh, model_config) -> None:
+    """Check that the global batch divides the data-parallel axes of `mesh`."""
+    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.data.batch_size % batch_devices:
+        raise ConfigError(
+            f"config.data.batch_size={config.data.batch_size} does not divide the "
+            f"{batch_devices} devices of the mesh axes data x fsdp; use a multiple of {batch_devices}."
+        )
+    del model_config
+
+
+def save(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Write the run's config as JSON into the workdir (process 0 only)."""
+    if jax.process_index() != 0:
+        return
+    path = os.path.join(workdir, "config.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as handle:
+        json.dump(config.to_dict(), handle, indent=2, sort_keys=True, default=str)
+    os.replace(path + ".tmp", path)

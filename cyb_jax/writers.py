@@ -1,0 +1,122 @@
+"""Metric output: TensorBoard event files, metrics.jsonl and the console.
+
+Only process 0 writes; other processes get a writer that discards everything,
+so callers never branch on the process index.
+"""
+
+import json
+import math
+import os
+import time
+from typing import Mapping
+
+import jax
+import numpy as np
+from absl import logging
+
+
+def _scalar(value) -> float:
+    return float(np.asarray(value))
+
+
+class MetricWriter:
+    """Writes scalars to `<workdir>/tensorboard` and appends them to `<workdir>/metrics.jsonl`."""
+
+    def __init__(self, workdir: str, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self._summary_writer = None
+        self._jsonl = None
+        if self.enabled:
+            # TensorFlow is imported lazily so that JAX initialises its backend first.
+            import tensorflow as tf
+
+            self._tf = tf
+            self._summary_writer = tf.summary.create_file_writer(
+                os.path.join(workdir, "tensorboard")
+            )
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        values = {name: _scalar(value) for name, value in scalars.items()}
+        with self._summary_writer.as_default(step=step):
+            for name, value in values.items():
+                self._tf.summary.scalar(name, value)
+        record = {"step": int(step), "time": time.time(), **values}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+
+    def flush(self) -> None:
+        if self.enabled:
+            self._summary_writer.flush()
+            self._jsonl.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._summary_writer.close()
+            self._jsonl.close()
+
+
+class Progress:
+    """Console progress lines with step, loss, throughput and ETA."""
+
+    def __init__(self, total_steps: int, start_step: int, tokens_per_step: int):
+        self.total_steps = total_steps
+        self.tokens_per_step = tokens_per_step
+        self._last_step = start_step
+        self._last_time = time.perf_counter()
+        self._steps_per_second = None
+
+    def line(self, step: int, scalars: Mapping[str, float]) -> str:
+        now = time.perf_counter()
+        elapsed = now - self._last_time
+        if step > self._last_step and elapsed > 0:
+            rate = (step - self._last_step) / elapsed
+            # An exponential average keeps the ETA steady across eval and checkpoint pauses.
+            self._steps_per_second = (
+                rate
+                if self._steps_per_second is None
+                else (0.7 * self._steps_per_second + 0.3 * rate)
+            )
+        self._last_step, self._last_time = step, now
+        parts = [f"step {step}/{self.total_steps}"]
+        parts += [
+            f"{name} {_scalar(scalars[name]):.4f}"
+            for name in ("train/loss", "train/nll")
+            if name in scalars
+        ]
+        if "pause/mean_pauses" in scalars:
+            parts.append(f"pauses {_scalar(scalars['pause/mean_pauses']):.3f}")
+        if self._steps_per_second:
+            tokens_per_second = self._steps_per_second * self.tokens_per_step
+            remaining = (self.total_steps - step) / self._steps_per_second
+            parts.append(f"{tokens_per_second:,.0f} tokens/s")
+            parts.append(f"ETA {format_duration(remaining)}")
+        return " | ".join(parts)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+def summary_table(summary: Mapping[str, float], unigram_perplexity: float) -> str:
+    """Format the final evaluation as a two-column table for the console."""
+    rows = [("step", f"{summary['step']:d}"), ("tokens seen", f"{summary['tokens_seen']:,d}")]
+    rows.append(("unigram perplexity (validation)", f"{unigram_perplexity:.2f}"))
+    for name in sorted(summary):
+        value = summary[name]
+        if name.startswith("eval/") and isinstance(value, float) and math.isfinite(value):
+            rows.append((name, f"{value:.4f}"))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
+
+
+def log_and_print(message: str) -> None:
+    """Print a line for the user on process 0 and keep it in the absl log of every process."""
+    logging.log(logging.DEBUG, message)
+    if jax.process_index() == 0:
+        print(message, flush=True)
