@@ -13,7 +13,8 @@ def get_config():
     config.name = "ap"
     config.pause.window = 4
     config.loss.name = "ap"
-    config.loss.world_stop = "0:0:0:1"
+    # Empty means 0:...:0:1 for any window, so --config.pause.window=2 needs no other change.
+    config.loss.world_stop = ""
     config.loss.gamma = 1.0
     base.use_pause_countermeasures(config)
     return config
