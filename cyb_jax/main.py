@@ -35,6 +35,13 @@ def main(argv: list[str]) -> None:
     # and nothing touches the JAX backend during flag parsing.
     from cyb_jax import train
 
+    if not flags.FLAGS["verbosity"].present:
+        # Our own progress goes to stdout; keep the INFO chatter of TFDS and seqio out of the console.
+        logging.set_verbosity(logging.WARNING)
+    import tensorflow_datasets as tfds
+
+    tfds.disable_progress_bar()
+
     config = _CONFIG.value
     workdir = _WORKDIR.value or os.path.join("runs", config.name)
     try:
