@@ -17,9 +17,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.seed = 0
 
     # Run length and intervals, in optimizer steps.
-    config.total_steps = 600
+    config.total_steps = 400
     config.eval_every = 200
-    config.checkpoint_every = 200
+    config.checkpoint_every = 100
     # Number of newest checkpoints kept on disk.
     config.keep_checkpoints = 3
     # Console and metrics.jsonl logging interval.
@@ -38,9 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Number of SentencePiece pieces (real tokens, V) trained on the training split.
     config.data.vocab_size = 1024
     # Real tokens per packed sequence (L); each owns pause.window slots in the model.
-    config.data.seq_len = 128
+    config.data.seq_len = 64
     # Global batch size in packed sequences, summed over all devices and hosts.
-    config.data.batch_size = 16
+    config.data.batch_size = 32
     # Seed of the data order; batches are a deterministic function of it.
     config.data.seed = 0
     # Examples held in the shuffle buffer.
@@ -50,9 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict()
     config.model.num_layers = 4
-    config.model.d_model = 256
+    config.model.d_model = 128
     config.model.num_heads = 4
-    config.model.mlp_dim = 768
+    config.model.mlp_dim = 384
     # Parameter dtype and the dtype of activations.
     config.model.param_dtype = "float32"
     config.model.dtype = "float32"
