@@ -61,8 +61,8 @@ def get_config() -> ml_collections.ConfigDict:
     # real tokens up to its own and only its own token's earlier pauses).
     config.model.pause_visibility = "visible"
     # Initial don't-know probability psi for uniform other logits, realised as a fixed
-    # offset log(psi * V / (1 - psi)) on the DK logit. None: no offset.
-    config.model.dk_prior = ml_collections.FieldReference(None, field_type=float)
+    # offset log(psi * V / (1 - psi)) on the DK logit. 0 disables the offset.
+    config.model.dk_prior = 0.0
     # The embedding table (V real tokens, DK, pause codes) is padded to a multiple
     # of this so that it divides the mesh axes it is sharded over.
     config.model.vocab_multiple = 128

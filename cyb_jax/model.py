@@ -38,7 +38,7 @@ class TransformerConfig:
     param_dtype: str = "float32"
     pause_visibility: str = "visible"
     pause_input: str = "code"
-    dk_prior: float | None = None
+    dk_prior: float = 0.0  # 0: no DK offset
     vocab_multiple: int = 128
     rope_base: float = 10_000.0
 
@@ -59,7 +59,7 @@ class TransformerConfig:
     @property
     def dk_offset(self) -> float:
         """DK logit offset giving d = dk_prior when the other V logits are uniform."""
-        if self.dk_prior is None:
+        if not self.dk_prior:
             return 0.0
         return math.log(self.dk_prior * self.vocab_size / (1.0 - self.dk_prior))
 
@@ -150,10 +150,18 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
+    """Multi-head self-attention with RoPE over the slots of `x_BxSxD`.
+
+    With `past_key_value`, the keys and values of C earlier slots [B, C, H, K] are
+    read before the new ones, and the mask is [B, 1, S, C + S]. The new slots' keys
+    (after RoPE) and values are sown into the 'cache' collection, from which a
+    decoder reads them when it applies the model with that collection mutable.
+    """
+
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, x_BxSxD, positions_BxS, mask_Bx1xSxS):
+    def __call__(self, x_BxSxD, positions_BxS, mask_Bx1xSxS, past_key_value=None):
         cfg = self.config
 
         def dense(name, features, logical, input_axes=1):
@@ -169,6 +177,11 @@ class Attention(nn.Module):
         query = nn.with_logical_constraint(query, activation_axes)
         key = nn.with_logical_constraint(key, activation_axes)
         value = nn.with_logical_constraint(value, activation_axes)
+        self.sow("cache", "key_value", (key, value))
+        if past_key_value is not None:
+            past_key, past_value = past_key_value
+            key = jnp.concatenate([past_key.astype(key.dtype), key], axis=1)
+            value = jnp.concatenate([past_value.astype(value.dtype), value], axis=1)
         out_BxSxHxK = attention.reference_attention(query, key, value, mask_Bx1xSxS)
         return dense("out", (cfg.d_model,), ("heads", "kv", "embed"), input_axes=2)(out_BxSxHxK)
 
@@ -195,28 +208,56 @@ class DecoderBlock(nn.Module):
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, x_BxSxD, positions_BxS, mask_Bx1xSxS):
+    def __call__(self, x_BxSxD, positions_BxS, mask_Bx1xSxS, past_key_value=None):
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.dtype, cfg.param_dtype, name=name)  # noqa: E731
         x_BxSxD = x_BxSxD + Attention(cfg, name="attention")(
-            norm("attention_norm")(x_BxSxD), positions_BxS, mask_Bx1xSxS
+            norm("attention_norm")(x_BxSxD), positions_BxS, mask_Bx1xSxS, past_key_value
         )
         x_BxSxD = x_BxSxD + GatedMLP(cfg, name="mlp")(norm("mlp_norm")(x_BxSxD))
         return nn.with_logical_constraint(x_BxSxD, ("act_batch", "act_length", "act_embed"))
 
 
+def embed_slots(
+    embedding_VxD: jax.Array, tokens_BxS: jax.Array, steps_BxS: jax.Array, config: TransformerConfig
+) -> jax.Array:
+    """Return the input vectors [B, S, D] of slots given their token ids and pause steps.
+
+    Step 0 reads the token; step i >= 1 reads the code <pause_i> at id V + i, plus the
+    token's embedding when `config.pause_input == 'token+code'`.
+    """
+    if config.pause_input not in PAUSE_INPUTS:
+        raise ValueError(
+            f"Unknown pause input {config.pause_input!r}; expected one of {PAUSE_INPUTS}."
+        )
+    token_BxSxD = jnp.take(embedding_VxD, tokens_BxS, axis=0)
+    is_pause_BxSx1 = (steps_BxS > 0)[..., None]
+    pause_ids_BxS = jnp.where(steps_BxS > 0, config.vocab_size + steps_BxS, 0)
+    pause_BxSxD = jnp.take(embedding_VxD, pause_ids_BxS, axis=0)
+    if config.pause_input == "token+code":
+        return token_BxSxD + jnp.where(is_pause_BxSx1, pause_BxSxD, 0.0)
+    return jnp.where(is_pause_BxSx1, pause_BxSxD, token_BxSxD)
+
+
+def output_logits(logits_BxSxP: jax.Array, config: TransformerConfig) -> jax.Array:
+    """Keep the V real logits and DK of the head's output, in float32, with the DK offset."""
+    # Pause codes and padding are inputs only.
+    logits_BxSxV1 = logits_BxSxP[..., : config.vocab_size + 1].astype(jnp.float32)
+    return logits_BxSxV1.at[..., config.dk_id].add(config.dk_offset)
+
+
 class Transformer(nn.Module):
-    """Maps token ids [B, L] to per-slot logits [B, L, W, V + 1]."""
+    """Maps token ids [B, L] to per-slot logits [B, L, W, V + 1].
+
+    `granted_steps_BxL` (training recipe 'sampled') leaves slot (n, i) out of
+    attention for i >= granted_steps[n]; its logits are then meaningless.
+    """
 
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, inputs_BxL, positions_BxL, segment_ids_BxL):
+    def __call__(self, inputs_BxL, positions_BxL, segment_ids_BxL, granted_steps_BxL=None):
         cfg = self.config
-        if cfg.pause_input not in PAUSE_INPUTS:
-            raise ValueError(
-                f"Unknown pause input {cfg.pause_input!r}; expected one of {PAUSE_INPUTS}."
-            )
         batch, length = inputs_BxL.shape
         window = cfg.window
 
@@ -227,25 +268,15 @@ class Transformer(nn.Module):
             jnp.dtype(cfg.param_dtype),
         )
         embedding_VxD = embedding_VxD.astype(cfg.dtype)
-        token_BxLxD = jnp.take(embedding_VxD, inputs_BxL, axis=0)
-        # Step 0 reads the token; step i >= 1 reads the code <pause_i> at id V + i.
-        pause_ids_W = jnp.concatenate(
-            [jnp.zeros((1,), jnp.int32), cfg.vocab_size + jnp.arange(1, window, dtype=jnp.int32)]
-        )
-        pause_1x1xWxD = jnp.take(embedding_VxD, pause_ids_W, axis=0)[None, None]
-        is_pause_1x1xWx1 = (jnp.arange(window) > 0)[None, None, :, None]
-        token_BxLx1xD = token_BxLxD[:, :, None, :]
-        if cfg.pause_input == "token+code":
-            slots_BxLxWxD = token_BxLx1xD + jnp.where(is_pause_1x1xWx1, pause_1x1xWxD, 0.0)
-        else:
-            slots_BxLxWxD = jnp.where(is_pause_1x1xWx1, pause_1x1xWxD, token_BxLx1xD)
-        x_BxSxD = slots_BxLxWxD.reshape(batch, length * window, cfg.d_model)
+        tokens_BxS = jnp.repeat(inputs_BxL, window, axis=1)
+        steps_BxS = jnp.broadcast_to(jnp.tile(jnp.arange(window), length), (batch, length * window))
+        x_BxSxD = embed_slots(embedding_VxD, tokens_BxS, steps_BxS, cfg)
         # An identity unless a 'perturbations' collection is passed: tests take gradients
         # with respect to it to check which slots each output depends on.
         x_BxSxD = self.perturb("slots", x_BxSxD)
         x_BxSxD = nn.with_logical_constraint(x_BxSxD, ("act_batch", "act_length", "act_embed"))
 
-        layout = attention.slot_layout(segment_ids_BxL, window)
+        layout = attention.slot_layout(segment_ids_BxL, window, granted_steps_BxL)
         mask_Bx1xSxS = attention.attention_mask(layout, cfg.pause_visibility)
         positions_BxS = jnp.repeat(positions_BxL, window, axis=1)
 
@@ -260,7 +291,5 @@ class Transformer(nn.Module):
         logits_BxSxP = nn.with_logical_constraint(
             logits_BxSxP, ("act_batch", "act_length", "act_vocab")
         )
-        # Keep V real logits and DK; pause codes and padding are inputs only.
-        logits_BxSxV1 = logits_BxSxP[..., : cfg.vocab_size + 1].astype(jnp.float32)
-        logits_BxSxV1 = logits_BxSxV1.at[..., cfg.dk_id].add(cfg.dk_offset)
+        logits_BxSxV1 = output_logits(logits_BxSxP, cfg)
         return logits_BxSxV1.reshape(batch, length, window, cfg.vocab_size + 1)

@@ -56,7 +56,7 @@ def make_objective(
     loss_name = config.loss.name
     step_ce_weight = float(config.loss.step_ce_weight)
     warmup_steps = int(config.loss.dk_warmup_steps)
-    warmup_dk = model_config.dk_prior if model_config.dk_prior is not None else DEFAULT_WARMUP_DK
+    warmup_dk = model_config.dk_prior or DEFAULT_WARMUP_DK
     dk_id = model_config.dk_id
 
     def objective(logits_BxLxWxV, targets_BxL, weights_BxL, step):
