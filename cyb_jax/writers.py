@@ -116,7 +116,7 @@ def summary_table(summary: Mapping[str, float], unigram_perplexity: float) -> st
 
 
 def log_and_print(message: str) -> None:
-    """Print a line for the user on process 0 and keep it in the absl log of every process."""
-    logging.log(logging.DEBUG, message)
+    """Print a line for the user on process 0 and log it at INFO level on every process."""
+    logging.info(message)
     if jax.process_index() == 0:
         print(message, flush=True)
