@@ -59,27 +59,24 @@ class MetricWriter:
 
 
 class Progress:
-    """Console progress lines with step, loss, throughput and ETA."""
+    """Console progress lines with step, loss, throughput and ETA.
+
+    Throughput is averaged from the last `restart`, so an evaluation or the first
+    step's compilation does not count as training time.
+    """
 
     def __init__(self, total_steps: int, start_step: int, tokens_per_step: int):
         self.total_steps = total_steps
         self.tokens_per_step = tokens_per_step
-        self._last_step = start_step
-        self._last_time = time.perf_counter()
-        self._steps_per_second = None
+        self.restart(start_step)
+
+    def restart(self, step: int) -> None:
+        """Start timing afresh at `step`."""
+        self._start_step, self._start_time = step, time.perf_counter()
 
     def line(self, step: int, scalars: Mapping[str, float]) -> str:
-        now = time.perf_counter()
-        elapsed = now - self._last_time
-        if step > self._last_step and elapsed > 0:
-            rate = (step - self._last_step) / elapsed
-            # An exponential average keeps the ETA steady across eval and checkpoint pauses.
-            self._steps_per_second = (
-                rate
-                if self._steps_per_second is None
-                else (0.7 * self._steps_per_second + 0.3 * rate)
-            )
-        self._last_step, self._last_time = step, now
+        """Format the line for `step`; call it once that step has finished."""
+        elapsed = time.perf_counter() - self._start_time
         parts = [f"step {step}/{self.total_steps}"]
         parts += [
             f"{name} {_scalar(scalars[name]):.4f}"
@@ -88,10 +85,10 @@ class Progress:
         ]
         if "pause/mean_pauses" in scalars:
             parts.append(f"pauses {_scalar(scalars['pause/mean_pauses']):.3f}")
-        if self._steps_per_second:
-            tokens_per_second = self._steps_per_second * self.tokens_per_step
-            remaining = (self.total_steps - step) / self._steps_per_second
-            parts.append(f"{tokens_per_second:,.0f} tokens/s")
+        if step > self._start_step and elapsed > 0:
+            steps_per_second = (step - self._start_step) / elapsed
+            remaining = (self.total_steps - step) / steps_per_second
+            parts.append(f"{steps_per_second * self.tokens_per_step:,.0f} tokens/s")
             parts.append(f"ETA {format_duration(remaining)}")
         return " | ".join(parts)
 
