@@ -76,6 +76,11 @@ def get_config() -> ml_collections.ConfigDict:
     # Input of a pause slot: 'code' (the pause embedding alone, as in the CYB paper)
     # or 'token+code' (the pause embedding plus its token's embedding; beyond the paper).
     config.pause.input = "code"
+    # Pauses per token during training: 'fixed' grants every token all W steps (the CYB
+    # paper's recipe 1). 'sampled' draws each token's granted steps from the world
+    # distribution loss.world_stop, leaves the slots beyond them out of attention and
+    # loss, and sets d = 0 at the last granted step (recipe 2).
+    config.pause.recipe = "fixed"
 
     config.loss = ml_collections.ConfigDict()
     # One of 'ce', 'pause_ce', 'ap', 'va', 'dp'.

@@ -33,7 +33,9 @@ def make_loss_fn(config: ml_collections.ConfigDict) -> Callable[[losses.StepLogP
     hyper_parameters = {}
     if loss.name in ("ap", "va", "dp"):
         hyper_parameters.update(gamma=loss.gamma, discount_kind=loss.discount_kind)
-    if loss.name == "ap":
+    if loss.name == "ap" and config.pause.recipe == "fixed":
+        # Recipe 'sampled' draws the world's grant per token instead, so the loss then
+        # uses omega = 0:...:0:1 and the grant enters through d = 0 at the last granted step.
         hyper_parameters["world_stop"] = loss.world_stop or None
     if loss.name in ("va", "dp"):
         hyper_parameters["prior"] = loss.prior or None
@@ -44,6 +46,44 @@ def make_loss_fn(config: ml_collections.ConfigDict) -> Callable[[losses.StepLogP
     return losses.make_loss(loss.name, window=config.pause.window, **hyper_parameters)
 
 
+PAUSE_RECIPES = ("fixed", "sampled")
+
+GrantSampler = Callable[[jax.Array, tuple[int, ...]], jax.Array]
+
+
+def make_grant_sampler(config: ml_collections.ConfigDict) -> GrantSampler | None:
+    """Return `sample(key, shape) -> granted steps` for recipe 'sampled', None for 'fixed'.
+
+    The granted steps are drawn per token from the world distribution
+    `config.loss.world_stop` (0:...:0:1 when empty) and lie in 1..W.
+    """
+    recipe = config.pause.recipe
+    if recipe not in PAUSE_RECIPES:
+        raise ValueError(f"pause.recipe must be one of {PAUSE_RECIPES}, got {recipe!r}.")
+    if recipe == "fixed":
+        return None
+    window = config.pause.window
+    world = losses.parse_ratios(config.loss.world_stop or np.eye(window)[-1], window, "world_stop")
+    with np.errstate(divide="ignore"):
+        log_world = np.log(world)
+
+    def sample(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+        return 1 + jax.random.categorical(key, jnp.asarray(log_world, jnp.float32), shape=shape)
+
+    return sample
+
+
+def end_at_granted_step(log_probs: losses.StepLogProbs, granted_steps: jax.Array) -> losses.StepLogProbs:
+    """Set d = 0 at each token's last granted step, so that no later step gets mass."""
+    window = log_probs.target.shape[-1]
+    last_BxLxW = jnp.arange(window)[None, None, :] == (granted_steps - 1)[..., None]
+    return losses.StepLogProbs(
+        target=log_probs.target,
+        dont_know=jnp.where(last_BxLxW, -jnp.inf, log_probs.dont_know),
+        answer=jnp.where(last_BxLxW, 0.0, log_probs.answer),
+    )
+
+
 def _masked_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
     return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
@@ -51,15 +91,21 @@ def _masked_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
 def make_objective(
     config: ml_collections.ConfigDict, model_config: model_lib.TransformerConfig
 ) -> Objective:
-    """Return `objective(logits, targets, weights, step) -> (loss, metrics)`."""
+    """Return `objective(logits, targets, weights, step, granted_steps=None) -> (loss, metrics)`.
+
+    With `granted_steps` [B, L] (recipe 'sampled'), the loss ends each token's window
+    at its last granted step, and the auxiliary cross-entropy averages over the
+    granted steps only.
+    """
     loss_fn = make_loss_fn(config)
     loss_name = config.loss.name
     step_ce_weight = float(config.loss.step_ce_weight)
     warmup_steps = int(config.loss.dk_warmup_steps)
     warmup_dk = model_config.dk_prior or DEFAULT_WARMUP_DK
     dk_id = model_config.dk_id
+    window = model_config.window
 
-    def objective(logits_BxLxWxV, targets_BxL, weights_BxL, step):
+    def objective(logits_BxLxWxV, targets_BxL, weights_BxL, step, granted_steps_BxL=None):
         log_probs = losses.step_log_probs(logits_BxLxWxV, targets_BxL, dk_id)
         trained = log_probs
         if warmup_steps > 0:
@@ -70,10 +116,21 @@ def make_objective(
             )
             in_warmup = step < warmup_steps
             trained = jax.tree.map(lambda h, m: jnp.where(in_warmup, h, m), held, log_probs)
+        if granted_steps_BxL is not None:
+            trained = end_at_granted_step(trained, granted_steps_BxL)
         per_token_BxL = loss_fn(trained)
         if step_ce_weight > 0.0:
-            per_token_BxL = per_token_BxL + step_ce_weight * jnp.mean(-log_probs.target, axis=-1)
+            step_nll_BxLxW = -log_probs.target
+            if granted_steps_BxL is not None:
+                granted_BxLxW = jnp.arange(window)[None, None, :] < granted_steps_BxL[..., None]
+                step_nll_BxLxW = jnp.where(granted_BxLxW, step_nll_BxLxW, 0.0)
+                step_ce_BxL = jnp.sum(step_nll_BxLxW, axis=-1) / granted_steps_BxL
+            else:
+                step_ce_BxL = jnp.mean(step_nll_BxLxW, axis=-1)
+            per_token_BxL = per_token_BxL + step_ce_weight * step_ce_BxL
         loss = _masked_mean(per_token_BxL, weights_BxL)
+        # NOTE: the metrics describe the model with every step granted, also under recipe
+        # 'sampled', so a step's train/nll_step_i includes slots that the loss left out.
         stats = token_statistics(jax.lax.stop_gradient(log_probs), loss_name)
         metrics = {name: _masked_mean(value, weights_BxL) for name, value in stats.items()}
         metrics["loss"] = loss

@@ -67,14 +67,22 @@ def make_optimizer(optimizer_config: ml_collections.ConfigDict, total_steps: int
     return optimizer, schedule
 
 
-def train_step(state: TrainState, batch, *, model, optimizer, objective):
-    """One optimizer step; returns the new state and this step's scalar metrics."""
+def train_step(state: TrainState, batch, *, model, optimizer, objective, sample_grants=None):
+    """One optimizer step; returns the new state and this step's scalar metrics.
+
+    `sample_grants(key, shape)`, when given, draws each token's granted pause steps
+    (pause recipe 'sampled') from the state's key folded with the step.
+    """
+    granted = None
+    if sample_grants is not None:
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        granted = sample_grants(step_key, batch["inputs"].shape)
 
     def loss_of(params):
         logits = model.apply(
-            {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"]
+            {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"], granted
         )
-        return objective(logits, batch["targets"], batch["weights"], state.step)
+        return objective(logits, batch["targets"], batch["weights"], state.step, granted)
 
     (_, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -291,7 +299,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     objective = objective_lib.make_objective(config, model_config)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         step_fn = jax.jit(
-            functools.partial(train_step, model=model, optimizer=optimizer, objective=objective),
+            functools.partial(
+                train_step,
+                model=model,
+                optimizer=optimizer,
+                objective=objective,
+                sample_grants=objective_lib.make_grant_sampler(config),
+            ),
             in_shardings=(state_shardings, batch_sharding),
             out_shardings=(state_shardings, sharding.replicated(mesh)),
             donate_argnums=(0,),
