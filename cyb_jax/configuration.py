@@ -274,15 +274,110 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"Invalid loss settings in config.loss: {error}") from None
 
 
-def validate_for_mesh(config: ml_collections.ConfigDict, mesh, model_config) -> None:
-    """Check that the global batch divides the data-parallel axes of `mesh`."""
-    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
-    if config.data.batch_size % batch_devices:
+def _logical_dimensions(config: ml_collections.ConfigDict, model_config) -> dict[str, tuple[int, str, str]]:
+    """Map each logical axis to (size, config field, how to fix a size that does not divide)."""
+    vocab = (
+        model_config.padded_vocab_size,
+        "model.vocab_multiple",
+        "set config.model.vocab_multiple to a multiple of {devices} (the table is padded to it)",
+    )
+    embed = (model_config.d_model, "model.d_model", "use a multiple of {devices}")
+    heads = (model_config.num_heads, "model.num_heads", "use a multiple of {devices}")
+    kv = (model_config.head_dim, "model.d_model / model.num_heads", "make the head dimension a multiple of {devices}")
+    mlp = (model_config.mlp_dim, "model.mlp_dim", "use a multiple of {devices}")
+    # The model runs on the flattened slots: L real tokens times W pause slots.
+    length = (
+        config.data.seq_len * model_config.window,
+        "data.seq_len * pause.window",
+        "make the slot count a multiple of {devices}",
+    )
+    batch = (config.data.batch_size, "data.batch_size", "use a multiple of {devices}")
+    return {
+        "vocab": vocab,
+        "act_vocab": vocab,
+        "embed": embed,
+        "act_embed": embed,
+        "heads": heads,
+        "act_heads": heads,
+        "kv": kv,
+        "act_kv": kv,
+        "mlp": mlp,
+        "act_mlp": mlp,
+        "act_length": length,
+        "act_batch": batch,
+    }
+
+
+def _rule_mesh_axes(config: ml_collections.ConfigDict, mesh_axes: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """Return the mesh axes of each logical name; the first rule for a name wins, as in Flax."""
+    axes_by_name: dict[str, tuple[str, ...]] = {}
+    for rule in config.mesh.rules:
+        if len(rule) != 2:
+            raise ConfigError(
+                f"config.mesh.rules entry {rule!r} is invalid; expected (logical_name, mesh_axis), "
+                "where mesh_axis is a mesh axis, a tuple of mesh axes or None."
+            )
+        logical, target = rule
+        if target is None:
+            targets = ()
+        elif isinstance(target, str):
+            targets = (target,)
+        else:
+            targets = tuple(target)
+        for axis in targets:
+            if axis not in mesh_axes:
+                raise ConfigError(
+                    f"config.mesh.rules maps {logical!r} to unknown mesh axis {axis!r}; "
+                    f"the mesh axes are {', '.join(mesh_axes)}."
+                )
+        axes_by_name.setdefault(logical, targets)
+    return axes_by_name
+
+
+def validate_for_mesh(
+    config: ml_collections.ConfigDict,
+    device_count: int,
+    model_config,
+    process_count: int = 1,
+) -> dict[str, int]:
+    """Check the mesh against the devices and the shapes against the axes they are sharded over.
+
+    Runs before anything is compiled. The mesh degrees must multiply to
+    `device_count`, and every dimension that the rules in `config.mesh.rules`
+    shard must divide the product of its mesh axes. Returns the resolved mesh
+    shape, e.g. {'data': 2, 'fsdp': 2, 'tensor': 2}.
+    """
+    # Imported here because sharding imports Flax, which the flag checks above do not need.
+    from cyb_jax import sharding
+
+    try:
+        shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, device_count)))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+    dimensions = _logical_dimensions(config, model_config)
+    for logical, mesh_axes in _rule_mesh_axes(config, sharding.MESH_AXES).items():
+        if logical not in dimensions or not mesh_axes:
+            continue
+        size, field, fix = dimensions[logical]
+        devices = 1
+        for axis in mesh_axes:
+            devices *= shape[axis]
+        if size % devices:
+            axes = " x ".join(mesh_axes)
+            raise ConfigError(
+                f"config.{field} = {size} does not divide the {devices} devices of mesh axis "
+                f"{axes} that config.mesh.rules shard {logical!r} over; {fix.format(devices=devices)}, "
+                f"or change config.mesh.{'/'.join(sharding.MESH_AXES)} or the rule for {logical!r}."
+            )
+
+    if config.data.batch_size % process_count:
         raise ConfigError(
-            f"config.data.batch_size={config.data.batch_size} does not divide the "
-            f"{batch_devices} devices of the mesh axes data x fsdp; use a multiple of {batch_devices}."
+            f"config.data.batch_size = {config.data.batch_size} does not divide the "
+            f"{process_count} processes; each process loads an equal share of every batch, "
+            f"so use a multiple of {process_count}."
         )
-    del model_config
+    return shape
 
 
 def save(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -265,17 +265,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     loss_name = config.loss.name
 
     # Phase 2: mesh and sharded state, restored when the workdir has a checkpoint.
+    configuration.validate_for_mesh(
+        config, jax.device_count(), model_config, process_count=jax.process_count()
+    )
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.logical_rules(config.mesh)
-    configuration.validate_for_mesh(config, mesh, model_config)
     optimizer, schedule = make_optimizer(config.optimizer, config.total_steps)
     state, state_shardings = init_state(config, model, model_config, optimizer, mesh, rules)
     batch_sharding = sharding.batch_sharding(mesh, rules)
-    parameter_count = sum(p.size for p in jax.tree.leaves(state.params))
     writers.log_and_print(
-        f"Model: {parameter_count:,} parameters, V={model_config.vocab_size} (+DK, {window - 1} pause "
-        f"codes, table {model_config.padded_vocab_size}), W={window}, loss={loss_name}, "
-        f"mesh {dict(mesh.shape)}"
+        f"Model: V={model_config.vocab_size} (+DK, {window - 1} pause codes, table "
+        f"{model_config.padded_vocab_size}), W={window}, loss={loss_name}, mesh {dict(mesh.shape)} "
+        f"over {jax.process_count()} process(es)"
     )
 
     manager = checkpointing.make_manager(
@@ -294,6 +295,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             state = load_init_params(state, config.init_from, state_shardings)
             writers.log_and_print(f"Initialised parameters from {config.init_from}.")
     start_step = int(state.step)
+    parameters = sharding.check_parameter_sharding(state.params, state_shardings.params)
+    parameter_count = parameters.count
+    writers.log_and_print(f"Parameters: {parameters.describe()}.")
 
     # Phase 3: compiled steps.
     objective = objective_lib.make_objective(config, model_config)
@@ -318,7 +322,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             out_shardings=sharding.replicated(mesh),
         )
 
-    eval_batches = data.eval_batches(config.data, "validation")
+    eval_batches = data.eval_batches(
+        config.data,
+        "validation",
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
     tokens_per_step = config.data.batch_size * config.data.seq_len
     writer = writers.MetricWriter(workdir)
     progress = writers.Progress(config.total_steps, start_step, tokens_per_step)
