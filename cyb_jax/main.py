@@ -6,6 +6,10 @@ Flags:
     --workdir=DIR          where checkpoints, metrics and the summary go
                                                   (default: runs/<config.name>)
 
+Multi-process runs (TPU pods, SLURM, Open MPI) start jax.distributed on their own;
+elsewhere pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I
+to every process. --distributed=off keeps a run in one process.
+
 Rerunning the same command resumes from the newest checkpoint in the workdir.
 """
 
@@ -18,6 +22,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from cyb_jax import configuration
+from cyb_jax import distributed
 
 # TensorFlow only feeds data here; keep its C++ start-up chatter (GPU probing) out of the console.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -26,13 +31,35 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/ap.py.", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; default runs/<config.name>.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed",
+    "auto",
+    distributed.MODES,
+    "Start jax.distributed: 'auto' when the flags below, SLURM, Open MPI or a TPU pod say the "
+    "run spans several processes; 'on' always; 'off' never.",
+)
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0's coordinator service, for a multi-process run."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes of the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Index of this process, 0 to num_processes - 1.")
+_INITIALIZATION_TIMEOUT = flags.DEFINE_integer(
+    "initialization_timeout", 300, "Seconds to wait for all processes to reach the coordinator."
+)
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    # Imported here so that multi-host initialisation can come first in later versions
-    # and nothing touches the JAX backend during flag parsing.
+    # jax.distributed must start before anything touches the JAX backend, so the
+    # training code is imported only afterwards.
+    distributed.initialize(
+        _DISTRIBUTED.value,
+        coordinator_address=_COORDINATOR_ADDRESS.value,
+        num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value,
+        timeout_seconds=_INITIALIZATION_TIMEOUT.value,
+    )
     from cyb_jax import train
 
     if not flags.FLAGS["verbosity"].present:
