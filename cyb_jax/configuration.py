@@ -260,8 +260,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if (config.model.d_model // config.model.num_heads) % 2:
         raise ConfigError("The head dimension d_model / num_heads must be even for RoPE.")
     dk_prior = config.model.dk_prior
-    if dk_prior is not None and not 0.0 < dk_prior < 1.0:
-        raise ConfigError(f"config.model.dk_prior must lie in (0, 1) or be None, got {dk_prior!r}.")
+    if not 0.0 <= dk_prior < 1.0:
+        raise ConfigError(
+            f"config.model.dk_prior must lie in [0, 1), with 0 for no DK offset, got {dk_prior!r}."
+        )
     if config.loss.step_ce_weight < 0 or config.loss.dk_warmup_steps < 0:
         raise ConfigError(
             "config.loss.step_ce_weight and config.loss.dk_warmup_steps must be >= 0."

@@ -1,10 +1,10 @@
 """Train and evaluate a model: `python -m cyb_jax.main --config=configs/ap.py`.
 
 Flags:
-    --config=PATH          an ml_collections config file; fields are overridden with
-                                                  --config.section.field=value
-    --workdir=DIR          where checkpoints, metrics and the summary go
-                                                  (default: runs/<config.name>)
+  --config=PATH   an ml_collections config file; override its fields with
+                  --config.section.field=value
+  --workdir=DIR   where checkpoints, metrics and the summary go
+                  (default: runs/<config.name>)
 
 Multi-process runs (TPU pods, SLURM, Open MPI) start jax.distributed on their own;
 elsewhere pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I
@@ -16,6 +16,11 @@ Rerunning the same command resumes from the newest checkpoint in the workdir.
 import os
 import sys
 
+# TensorFlow only feeds data here. Level 3 hides its C++ GPU-probing errors on machines
+# without CUDA; data errors still reach Python as exceptions. It must be set before
+# TensorFlow is imported.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -23,9 +28,6 @@ from ml_collections import config_flags
 
 from cyb_jax import configuration
 from cyb_jax import distributed
-
-# TensorFlow only feeds data here; keep its C++ start-up chatter (GPU probing) out of the console.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/ap.py.", lock_config=True
@@ -65,8 +67,11 @@ def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
         # Our own progress goes to stdout; keep the INFO chatter of TFDS and seqio out of the console.
         logging.set_verbosity(logging.WARNING)
+    import tensorflow as tf
     import tensorflow_datasets as tfds
 
+    # TensorFlow would otherwise reserve GPU memory that JAX needs.
+    tf.config.set_visible_devices([], "GPU")
     tfds.disable_progress_bar()
 
     config = _CONFIG.value

@@ -356,46 +356,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return results
 
     # Phase 4: the loop. Metrics of step k are fetched after step k + 1 is dispatched,
-    # so the host never waits on the device just to log.
+    # so the host does not wait on the device just to log.
     pending = None
     results = None
     start_time = time.perf_counter()
+
+    def flush_pending():
+        nonlocal pending
+        if pending is not None:
+            _log_train(writer, progress, *pending, window=window, schedule=schedule)
+            pending = None
+
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         for step in range(start_step, config.total_steps):
             batch = next(train_batches)
             state, metrics = step_fn(state, batch)
             batch_index += 1
-            if pending is not None:
-                _log_train(
-                    writer,
-                    progress,
-                    *pending,
-                    window=window,
-                    loss_name=loss_name,
-                    schedule=schedule,
-                )
-                pending = None
+            flush_pending()
             done = step + 1
+            if step == start_step:
+                jax.block_until_ready(metrics)
+                progress.restart(done)  # the first step includes compilation
             if done % config.log_every == 0 or done == config.total_steps:
                 pending = (done, metrics)
             if done % config.eval_every == 0 or done == config.total_steps:
-                if pending is not None:
-                    _log_train(
-                        writer,
-                        progress,
-                        *pending,
-                        window=window,
-                        loss_name=loss_name,
-                        schedule=schedule,
-                    )
-                    pending = None
+                flush_pending()
                 results = run_eval(done)
+                progress.restart(done)
             if done % config.checkpoint_every == 0 or done == config.total_steps:
                 checkpointing.save(manager, done, state, batch_index)
-        if pending is not None:
-            _log_train(
-                writer, progress, *pending, window=window, loss_name=loss_name, schedule=schedule
-            )
+        flush_pending()
 
     if results is None:
         writers.log_and_print(
@@ -426,7 +416,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return summary
 
 
-def _log_train(writer, progress, step, metrics, *, window, loss_name, schedule):
+def _log_train(writer, progress, step, metrics, *, window, schedule):
     scalars = train_metrics(jax.device_get(metrics), window)
     scalars["train/learning_rate"] = float(schedule(step - 1))
     writer.write(step, scalars)
