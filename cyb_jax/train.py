@@ -142,7 +142,13 @@ def train_metrics(metrics: dict[str, Any], window: int) -> dict[str, float]:
 
 
 def collapse_warning(results: dict[str, float], window: int, loss_name: str) -> str | None:
-    """Describe a collapse to never pausing in eval `results`, or return None."""
+    """Describe a collapse to never pausing in eval `results`, or return None.
+
+    A CYB model counts as collapsed below COLLAPSE_PAUSES expected pauses per token.
+    The message also says whether the last step would read out better than step 0;
+    after a long collapse it usually does not, because the pause steps stop being
+    trained once the model never pauses.
+    """
     if window == 1 or loss_name in ("ce", "pause_ce"):
         return None
     pauses = results["eval/mean_pauses"]
@@ -150,13 +156,14 @@ def collapse_warning(results: dict[str, float], window: int, loss_name: str) -> 
         return None
     first = math.log(results["eval/perplexity_step_0"])
     last = math.log(results[f"eval/perplexity_step_{window - 1}"])
-    if last >= first:
-        return None
+    if last < first:
+        comparison = f"although reading out at the last step would be better (NLL {last:.4f} < {first:.4f} at step 0)"
+    else:
+        comparison = f"and the pause steps are no longer trained (NLL {last:.4f} at the last step, {first:.4f} at step 0)"
     return (
-        f"Pauses have collapsed: {pauses:.3f} expected pauses per token although reading out at "
-        f"the last step would be better (NLL {last:.4f} < {first:.4f} at step 0). Consider "
-        "config.loss.step_ce_weight, config.pause.input='token+code', config.loss.dk_warmup_steps, "
-        "or fine-tuning a no-pause model with config.init_from and config.model.dk_prior."
+        f"Pauses have collapsed: {pauses:.3f} expected pauses per token, {comparison}. Consider "
+        "config.loss.step_ce_weight, config.model.dk_prior, config.pause.input='token+code', "
+        "config.loss.dk_warmup_steps, or fine-tuning a no-pause model with config.init_from."
     )
 
 

@@ -130,8 +130,13 @@ def test_collapse_warning_names_countermeasures():
         "eval/perplexity_step_0": 20.0,
         "eval/perplexity_step_1": 15.0,
     }
-    message = train.collapse_warning(results, 2, "ap")
-    assert message is not None and "step_ce_weight" in message
+    better_later = train.collapse_warning(results, 2, "ap")
+    assert better_later is not None
+    assert "step_ce_weight" in better_later
+    assert "would be better" in better_later
+    untrained = train.collapse_warning({**results, "eval/perplexity_step_1": 25.0}, 2, "ap")
+    assert untrained is not None
+    assert "no longer trained" in untrained
     assert train.collapse_warning({**results, "eval/mean_pauses": 0.3}, 2, "ap") is None
-    assert train.collapse_warning({**results, "eval/perplexity_step_1": 25.0}, 2, "ap") is None
     assert train.collapse_warning(results, 2, "pause_ce") is None
+    assert train.collapse_warning(results, 1, "ap") is None
