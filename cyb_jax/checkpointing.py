@@ -42,6 +42,28 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, batch_index: int
     )
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that did not reach the disk."""
+
+
+def wait_until_committed(manager: ocp.CheckpointManager, step: int) -> None:
+    """Block until every started save has finished, then check that `step` is on disk.
+
+    `wait_until_finished` re-raises an error of the background commit (Orbax
+    0.12.8). The step check is a backstop, because Orbax's finalize step logs
+    some errors instead of raising them. Raises CheckpointError when the
+    checkpoint at `step` is missing after the wait.
+    """
+    manager.wait_until_finished()
+    if step not in manager.all_steps(read=True):
+        raise CheckpointError(
+            f"The checkpoint at step {step} was not committed to {manager.directory} because "
+            "the background save failed (the Orbax error is in the log above). Check that "
+            "the directory is writable and has free space, then rerun the same command to "
+            "resume from the newest committed checkpoint."
+        )
+
+
 def abstract_target(abstract_state: Any, shardings: Any) -> Any:
     """Attach the current mesh's shardings to the shapes of a state tree."""
     return jax.tree.map(

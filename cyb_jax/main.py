@@ -11,9 +11,13 @@ elsewhere pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I
 to every process. --distributed=off keeps a run in one process.
 
 Rerunning the same command resumes from the newest checkpoint in the workdir.
+On SIGTERM, the signal TPU and cluster schedulers send before preempting, the
+run saves a checkpoint at the step it reached, waits until it is committed and
+exits with status 143 (128 + SIGTERM), so rerunning the command loses no steps.
 """
 
 import os
+import shlex
 import sys
 
 # TensorFlow only feeds data here. Level 3 hides its C++ GPU-probing errors on machines
@@ -28,6 +32,7 @@ from ml_collections import config_flags
 
 from cyb_jax import configuration
 from cyb_jax import distributed
+from cyb_jax import preemption
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/ap.py.", lock_config=True
@@ -80,6 +85,11 @@ def main(argv: list[str]) -> None:
         train.train_and_evaluate(config, workdir)
     except configuration.ConfigError as error:
         sys.exit(f"Error: {error}")
+    except preemption.Preempted as stop:
+        command = shlex.join(["python", "-m", "cyb_jax.main", *sys.argv[1:]])
+        logging.warning("%s", stop)
+        print(f"{stop} Rerun the same command to resume from it: {command}", flush=True)
+        sys.exit(preemption.EXIT_CODE)
 
 
 def run() -> None:

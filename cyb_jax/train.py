@@ -28,6 +28,7 @@ from cyb_jax import data
 from cyb_jax import losses
 from cyb_jax import model as model_lib
 from cyb_jax import objective as objective_lib
+from cyb_jax import preemption
 from cyb_jax import sharding
 from cyb_jax import writers
 
@@ -374,7 +375,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             _log_train(writer, progress, *pending, window=window, schedule=schedule)
             pending = None
 
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with (
+        jax.set_mesh(mesh),
+        nn.logical_axis_rules(rules),
+        preemption.sigterm_request() as stop_request,
+    ):
         for step in range(start_step, config.total_steps):
             batch = next(train_batches)
             state, metrics = step_fn(state, batch)
@@ -392,6 +397,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 progress.restart(done)
             if done % config.checkpoint_every == 0 or done == config.total_steps:
                 checkpointing.save(manager, done, state, batch_index)
+            # NOTE: each process reads only its own flag, so a multi-process run stops cleanly
+            # only if every process receives SIGTERM before the same step ends.
+            if stop_request.requested and done < config.total_steps:
+                flush_pending()
+                if done % config.checkpoint_every:
+                    checkpointing.save(manager, done, state, batch_index)
+                checkpointing.wait_until_committed(manager, done)
+                manager.close()
+                writer.close()
+                raise preemption.Preempted(done, workdir)
         flush_pending()
 
     if results is None:
@@ -399,11 +414,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f"The run had already reached total_steps={config.total_steps}; evaluating."
         )
         results = run_eval(start_step)
-    manager.wait_until_finished()
+    final_step = int(state.step)
+    # The final checkpoint must be on disk before summary.json reports the run as done.
+    checkpointing.wait_until_committed(manager, final_step)
     manager.close()
     writer.close()
 
-    final_step = int(state.step)
     summary = {
         "step": final_step,
         "tokens_seen": final_step * tokens_per_step,

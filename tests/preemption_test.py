@@ -1,0 +1,173 @@
+"""Tests of stopping on SIGTERM and of checkpoints that must reach the disk."""
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import ce as ce_config
+from cyb_jax import preemption
+from cyb_jax import train
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT_SECONDS = 240
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tensorflow_datasets"))
+
+
+def _tiny_flags(data_dir, workdir):
+    return [
+        "--config=configs/ce.py",
+        f"--workdir={workdir}",
+        f"--config.data.data_dir={data_dir}",
+        "--config.data.seq_len=32",
+        "--config.data.batch_size=4",
+        "--config.data.eval_max_batches=1",
+        "--config.model.num_layers=1",
+        "--config.model.d_model=32",
+        "--config.model.num_heads=2",
+        "--config.model.mlp_dim=64",
+        "--config.total_steps=100000",
+        "--config.eval_every=100000",
+        "--config.checkpoint_every=100000",
+        "--config.log_every=1",
+        "--config.optimizer.warmup_steps=2",
+    ]
+
+
+class _Run:
+    """A training subprocess whose stdout lines are collected by a reader thread."""
+
+    def __init__(self, arguments):
+        environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "cyb_jax.main", *arguments],
+            cwd=REPOSITORY,
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._queue: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def wait_for(self, text: str) -> str:
+        """Return the first output line containing `text`; fail on exit or timeout."""
+        deadline = time.monotonic() + TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            try:
+                line = self._queue.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            if line is None:
+                pytest.fail(f"Run exited before printing {text!r}:\n{''.join(self.lines)}")
+            self.lines.append(line)
+            if text in line:
+                return line
+        self.process.kill()
+        pytest.fail(f"Timed out waiting for {text!r}:\n{''.join(self.lines)}")
+
+    def terminate_and_wait(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        status = self.process.wait(timeout=TIMEOUT_SECONDS)
+        self.wait_for_end()
+        return status
+
+    def wait_for_end(self):
+        while (line := self._queue.get(timeout=TIMEOUT_SECONDS)) is not None:
+            self.lines.append(line)
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+
+def _latest_step(workdir):
+    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "data")) as m:
+        return m.latest_step()
+
+
+def _stopped_step(output: str) -> int:
+    marker = "Stopped by SIGTERM at step "
+    assert marker in output, output
+    return int(output.split(marker, 1)[1].split(".", 1)[0])
+
+
+def test_sigterm_saves_exits_and_resumes(data_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    arguments = _tiny_flags(data_dir, workdir)
+
+    first = _Run(arguments)
+    first.wait_for("step 2/100000")
+    status = first.terminate_and_wait()
+    output = first.output()
+    assert status == preemption.EXIT_CODE == 143, output
+    assert "Rerun the same command to resume" in output
+    assert f"--workdir={workdir}" in output
+    stopped = _stopped_step(output)
+    assert stopped >= 2
+    # checkpoint_every is far away, so this checkpoint exists only because of SIGTERM.
+    assert _latest_step(workdir) == stopped
+    assert not os.path.exists(os.path.join(workdir, "summary.json"))
+
+    second = _Run(arguments)
+    second.wait_for(f"Resuming from the checkpoint at step {stopped} ")
+    second.wait_for(f"step {stopped + 1}/100000")
+    status = second.terminate_and_wait()
+    assert status == preemption.EXIT_CODE, second.output()
+    assert _latest_step(workdir) == _stopped_step(second.output()) > stopped
+
+
+def _tiny_ce(data_dir, **overrides):
+    config = ce_config.get_config()
+    config.data.data_dir = data_dir
+    config.data.seq_len = 32
+    config.data.batch_size = 4
+    config.data.eval_max_batches = 1
+    config.model.num_layers = 1
+    config.model.d_model = 32
+    config.model.num_heads = 2
+    config.model.mlp_dim = 64
+    config.total_steps = 2
+    config.eval_every = 2
+    config.checkpoint_every = 2
+    config.log_every = 1
+    config.optimizer.warmup_steps = 1
+    for key, value in overrides.items():
+        config[key] = value
+    return config
+
+
+def test_failed_background_save_stops_run(data_dir, tmp_path, monkeypatch):
+    """A save that fails in Orbax's background commit stops the run with that error.
+
+    Tests run as root, where a read-only checkpoint directory is still writable,
+    so the failure is simulated: the background step that renames the temporary
+    checkpoint directory to its final name raises.
+    The run must raise the error when it waits for the final checkpoint, not
+    write a summary as if the checkpoint existed.
+    """
+    from orbax.checkpoint._src.checkpointers import async_checkpointer
+
+    def fail_commit(*args, **kwargs):
+        raise OSError("simulated write failure")
+
+    monkeypatch.setattr(async_checkpointer, "_on_commit_callback", fail_commit)
+    workdir = str(tmp_path / "broken")
+    with pytest.raises(OSError, match="simulated write failure"):
+        train.train_and_evaluate(_tiny_ce(data_dir), workdir)
+    assert not os.path.exists(os.path.join(workdir, "summary.json"))
