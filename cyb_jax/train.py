@@ -299,6 +299,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     configuration.validate(config)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
+    checkpoint_dir = os.path.join(workdir, "checkpoints")
+    if os.path.isdir(checkpoint_dir) and any(name.isdigit() for name in os.listdir(checkpoint_dir)):
+        for change in configuration.config_changes(config, workdir):
+            writers.log_and_print(f"Config changed since the checkpoints were written: {change}")
     configuration.save(config, workdir)
     writers.log_and_print(f"Workdir: {workdir}")
 

@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import ce as ce_config
+from cyb_jax import configuration
 from cyb_jax import objective as objective_lib
 from cyb_jax import preemption
 from cyb_jax import train
@@ -222,3 +223,28 @@ def test_nonfinite_update_skipped_when_enabled(data_dir, tmp_path, monkeypatch):
     for leaf in jax.tree.leaves(restored["state"]["params"]):
         assert np.all(np.isfinite(np.asarray(leaf)))
 
+
+def test_resume_rejects_checkpoint_changes(data_dir, tmp_path, capsys):
+    workdir = str(tmp_path / "changed")
+    train.train_and_evaluate(_tiny_ce(data_dir), workdir)
+
+    wider = _tiny_ce(data_dir, total_steps=3)
+    wider.model.d_model = 64
+    wider.pause.window = 2
+    wider.loss.name = "ap"
+    with pytest.raises(configuration.ConfigError) as error:
+        train.train_and_evaluate(wider, workdir)
+    message = str(error.value)
+    assert "model.d_model: 32 -> 64" in message
+    assert "pause.window: 1 -> 2" in message
+    assert "loss.name: 'ce' -> 'ap'" in message
+    assert "total_steps" not in message
+    assert "--config.allow_config_change=true" in message
+
+    capsys.readouterr()
+    train.train_and_evaluate(_tiny_ce(data_dir, total_steps=3, log_every=2), workdir)
+    output = capsys.readouterr().out
+    assert "Config changed since the checkpoints were written: total_steps: 2 -> 3" in output
+    assert "log_every: 1 -> 2" in output
+    assert "Resuming from the checkpoint at step 2" in output
+    assert _latest_step(workdir) == 3
