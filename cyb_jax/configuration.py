@@ -113,9 +113,9 @@ def missing_config_message(path: str) -> str:
     candidates = sorted(
         name
         for name in (os.listdir(folder) if os.path.isdir(folder) else [])
-        if name.endswith(".py")
+        if name.endswith(".py") and name != "__init__.py"
     )
-    close = difflib.get_close_matches(os.path.basename(path), candidates, n=1)
+    close = difflib.get_close_matches(os.path.basename(path), candidates, n=1, cutoff=0.75)
     hint = f" Did you mean --config={os.path.join(folder, close[0])}?" if close else ""
     listing = (
         f" Config files in {folder}/: {', '.join(candidates)}."

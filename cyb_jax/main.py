@@ -90,12 +90,20 @@ def main(argv: list[str]) -> None:
         logging.warning("%s", stop)
         print(f"{stop} Rerun the same command to resume from it: {command}", flush=True)
         sys.exit(preemption.EXIT_CODE)
+    except KeyboardInterrupt:
+        sys.exit(
+            f"Interrupted. Rerun the same command to resume from the newest checkpoint in "
+            f"{os.path.abspath(workdir)}/checkpoints."
+        )
 
 
 def run() -> None:
     """Check the command line, then hand over to absl."""
+    arguments = sys.argv[1:]
+    wants_help = any(a in ("--help", "-h", "--helpshort", "--helpfull") for a in arguments)
     try:
-        configuration.check_command_line(sys.argv[1:])
+        if not wants_help:
+            configuration.check_command_line(arguments)
     except configuration.ConfigError as error:
         sys.exit(f"Error: {error}")
     app.run(main)
