@@ -273,7 +273,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     try:
         objective.make_loss_fn(config)  # the loss factory validates distributions and names
     except ValueError as error:
-        raise ConfigError(f"Invalid loss settings in config.loss: {error}") from None
+        window = config.pause.window
+        example = ":".join(["1"] * window)
+        raise ConfigError(
+            f"Invalid loss settings in config.loss: {error}. Distributions take one ratio per "
+            f"pause step, e.g. --config.loss.prior={example} for pause.window={window}."
+        ) from None
 
 
 def _logical_dimensions(config: ml_collections.ConfigDict, model_config) -> dict[str, tuple[int, str, str]]:

@@ -67,6 +67,11 @@ def main(argv: list[str]) -> None:
         process_id=_PROCESS_ID.value,
         timeout_seconds=_INITIALIZATION_TIMEOUT.value,
     )
+    try:
+        # Checked before TensorFlow and the data pipeline load, so a bad value fails at once.
+        configuration.validate(_CONFIG.value)
+    except configuration.ConfigError as error:
+        sys.exit(f"Error: {error}")
     from cyb_jax import train
 
     if not flags.FLAGS["verbosity"].present:
