@@ -1,8 +1,10 @@
 """CYB anytime prediction (the main job): omega = 0:0:0:1, gamma = 1, W = 4.
 
-These are the CYB paper's best hyper-parameters. Trained from scratch at this
-scale, plain CYB-AP learns never to pause; the countermeasures below are beyond
-the paper and keep every pause step trained (see README, "Pauses must be used").
+These are the best hyper-parameters of Galashov et al. 2025 (arXiv:2510.13879).
+Trained from scratch at this scale, plain CYB-AP learns never to pause. The DK
+prior and the auxiliary step cross-entropy set below go beyond that paper: they
+keep every pause step trained, and the quick-start run then averages about 0.4
+pauses per token after 400 steps (the README's table has the measurements).
 """
 
 from configs import base

@@ -4,6 +4,9 @@ Each experiment file (`ce.py`, `ap.py`, ...) starts from `get_config()` here and
 changes only what differs. Any field can be overridden on the command line:
 
     python -m cyb_jax.main --config=configs/ap.py --config.total_steps=200
+
+"The CYB paper" below is Galashov et al. 2025, "Catch Your Breath: Adaptive
+Computation for Self-Paced Sequence Production", arXiv:2510.13879.
 """
 
 import ml_collections
@@ -82,7 +85,7 @@ def get_config() -> ml_collections.ConfigDict:
     # 1 trains a plain language model.
     config.pause.window = 1
     # Input of a pause slot: 'code' (the pause embedding alone, as in the CYB paper)
-    # or 'token+code' (the pause embedding plus its token's embedding; beyond the paper).
+    # or 'token+code' (the pause embedding plus its token's embedding; not in the CYB paper).
     config.pause.input = "code"
     # Pauses per token during training: 'fixed' grants every token all W steps (the CYB
     # paper's recipe 1). 'sampled' draws each token's granted steps from the world
@@ -106,10 +109,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Weight of the KL term of 'va' (1 is the ELBO).
     config.loss.beta = 1.0
     # Weight of an auxiliary cross-entropy on every step's t_i, averaged over steps,
-    # which keeps every step trained whatever d is (beyond the paper).
+    # which keeps every step trained whatever d is (not in the CYB paper).
     config.loss.step_ce_weight = 0.0
     # For this many steps the loss holds the stopping distribution at the DK prior
-    # instead of the model's own d (beyond the paper). 0 disables the warm-up.
+    # instead of the model's own d (not in the CYB paper). 0 disables the warm-up.
     config.loss.dk_warmup_steps = 0
 
     config.optimizer = ml_collections.ConfigDict()

@@ -1,7 +1,7 @@
 """The training objective and the per-token statistics reported for it.
 
 `make_objective` binds a loss of `losses.py` to the run config and adds the
-options beyond the CYB paper that fight the collapse to never pausing: an
+options beyond the CYB paper (Galashov et al. 2025, arXiv:2510.13879) that fight the collapse to never pausing: an
 auxiliary cross-entropy on every step's t_i, and a warm-up that holds d at the
 DK prior. `token_statistics` computes the quantities that training and
 evaluation log: per-step NLL, the read-out NLL, expected pauses and mean d_i.
