@@ -71,6 +71,11 @@ def get_config() -> ml_collections.ConfigDict:
     # ordinary context, as in the CYB paper) or 'private' (a pause slot sees the
     # real tokens up to its own and only its own token's earlier pauses).
     config.model.pause_visibility = "visible"
+    # Attention kernel for training and evaluation. 'fused' runs the private-mode
+    # kernel, which never forms [S, S] slot scores, or jax.nn.dot_product_attention in
+    # visible mode. 'reference' runs the dense masked softmax over all slot pairs, for
+    # debugging. Both agree up to float rounding. Decoding always uses the reference.
+    config.model.attention = "fused"
     # Initial don't-know probability psi for uniform other logits, realised as a fixed
     # offset log(psi * V / (1 - psi)) on the DK logit. 0 disables the offset.
     config.model.dk_prior = 0.0

@@ -37,6 +37,7 @@ class TransformerConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     pause_visibility: str = "visible"
+    attention: str = "fused"  # kernel: 'fused' or 'reference', as in attention.slot_attention
     pause_input: str = "code"
     dk_prior: float = 0.0  # 0: no DK offset
     vocab_multiple: int = 128
@@ -76,6 +77,7 @@ def from_config(config: ml_collections.ConfigDict, vocab_size: int) -> Transform
         dtype=model.dtype,
         param_dtype=model.param_dtype,
         pause_visibility=model.pause_visibility,
+        attention=model.attention,
         pause_input=config.pause.input,
         dk_prior=model.dk_prior,
         vocab_multiple=model.vocab_multiple,
@@ -152,7 +154,10 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with RoPE over the slots of `x_BxSxD`.
 
-    With `past_key_value`, the keys and values of C earlier slots [B, C, H, K] are
+    Given the `layout` of all slots of the sequence (training and evaluation), the
+    `config.attention` kernel applies the pause visibility and `mask_Bx1xSxS` is
+    unused. Otherwise the dense reference kernel applies `mask_Bx1xSxS`. With
+    `past_key_value`, the keys and values of C earlier slots [B, C, H, K] are
     read before the new ones, and the mask is [B, 1, S, C + S]. The new slots' keys
     (after RoPE) and values are sown into the 'cache' collection, from which a
     decoder reads them when it applies the model with that collection mutable.
@@ -161,8 +166,10 @@ class Attention(nn.Module):
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, x_BxSxD, positions_BxS, mask_Bx1xSxS, past_key_value=None):
+    def __call__(self, x_BxSxD, positions_BxS, mask_Bx1xSxS, past_key_value=None, layout=None):
         cfg = self.config
+        if layout is not None and past_key_value is not None:
+            raise ValueError("Attention takes a slot layout or past keys and values, not both.")
 
         def dense(name, features, logical, input_axes=1):
             return Projection(features, logical, input_axes, cfg.dtype, cfg.param_dtype, name=name)
@@ -182,7 +189,12 @@ class Attention(nn.Module):
             past_key, past_value = past_key_value
             key = jnp.concatenate([past_key.astype(key.dtype), key], axis=1)
             value = jnp.concatenate([past_value.astype(value.dtype), value], axis=1)
-        out_BxSxHxK = attention.reference_attention(query, key, value, mask_Bx1xSxS)
+        if layout is not None:
+            out_BxSxHxK = attention.slot_attention(
+                query, key, value, layout, cfg.window, cfg.pause_visibility, cfg.attention
+            )
+        else:
+            out_BxSxHxK = attention.reference_attention(query, key, value, mask_Bx1xSxS)
         return dense("out", (cfg.d_model,), ("heads", "kv", "embed"), input_axes=2)(out_BxSxHxK)
 
 
@@ -208,11 +220,11 @@ class DecoderBlock(nn.Module):
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, x_BxSxD, positions_BxS, mask_Bx1xSxS, past_key_value=None):
+    def __call__(self, x_BxSxD, positions_BxS, mask_Bx1xSxS, past_key_value=None, layout=None):
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.dtype, cfg.param_dtype, name=name)  # noqa: E731
         x_BxSxD = x_BxSxD + Attention(cfg, name="attention")(
-            norm("attention_norm")(x_BxSxD), positions_BxS, mask_Bx1xSxS, past_key_value
+            norm("attention_norm")(x_BxSxD), positions_BxS, mask_Bx1xSxS, past_key_value, layout
         )
         x_BxSxD = x_BxSxD + GatedMLP(cfg, name="mlp")(norm("mlp_norm")(x_BxSxD))
         return nn.with_logical_constraint(x_BxSxD, ("act_batch", "act_length", "act_embed"))
@@ -277,11 +289,12 @@ class Transformer(nn.Module):
         x_BxSxD = nn.with_logical_constraint(x_BxSxD, ("act_batch", "act_length", "act_embed"))
 
         layout = attention.slot_layout(segment_ids_BxL, window, granted_steps_BxL)
-        mask_Bx1xSxS = attention.attention_mask(layout, cfg.pause_visibility)
         positions_BxS = jnp.repeat(positions_BxL, window, axis=1)
 
         for layer in range(cfg.num_layers):
-            x_BxSxD = DecoderBlock(cfg, name=f"layer_{layer}")(x_BxSxD, positions_BxS, mask_Bx1xSxS)
+            x_BxSxD = DecoderBlock(cfg, name=f"layer_{layer}")(
+                x_BxSxD, positions_BxS, None, layout=layout
+            )
         x_BxSxD = RMSNorm(cfg.dtype, cfg.param_dtype, name="final_norm")(x_BxSxD)
 
         head = Projection(
