@@ -54,6 +54,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.batch_size = 32
     # Seed of the data order; batches are a deterministic function of it.
     config.data.seed = 0
+    # Training-data budget in packed rows of seq_len tokens: 0 trains on the whole
+    # split; N > 0 trains on N rows, taken at train_rows_offset in a fixed row order
+    # that does not depend on data.seed, so larger budgets contain smaller ones and
+    # budgets at disjoint offsets share no row. Epochs cycle over the budget.
+    config.data.train_rows = 0
+    config.data.train_rows_offset = 0
     # Examples held in the shuffle buffer.
     config.data.shuffle_buffer = 10_000
     # Maximum validation batches per evaluation; -1 evaluates the whole split.

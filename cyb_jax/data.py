@@ -504,9 +504,16 @@ def train_batches(
   stream repeats the split forever. Starting at k reads, tokenizes and packs
   the k batches before it again.
 
+  `train_rows` > 0 limits training to a budget of packed rows: rows
+  [train_rows_offset, train_rows_offset + train_rows) of a fixed order that
+  depends on neither the seed nor the budget, so a larger budget contains a
+  smaller one and budgets at different offsets share no row. That order is a
+  fixed permutation of the packed split when it fits in memory, and the packed
+  split's own order when it is streamed. Epochs then cycle over the budget.
+
   Raises:
-    ValueError: if batch_size is not divisible by process_count, or the seed
-      is negative.
+    ValueError: if batch_size is not divisible by process_count, the seed is
+      negative, or the row budget is negative or runs past the split.
   """
   local_size = _local_batch_size(
       data_config.batch_size, process_count, process_index
@@ -515,16 +522,61 @@ def train_batches(
   if seed < 0:
     raise ValueError(f"seed {seed} is negative. Set data.seed to 0 or more.")
   task = get_task(data_config)
+  budget = _training_rows_budget(data_config)
   if not _fits_in_memory(task, "train"):
     return _streamed_batches(
-        task, data_config, start_index, local_size, process_index
+        task, data_config, start_index, local_size, process_index, budget
     )
   rows = _split_rows(task, "train", int(data_config.seq_len))
   if not len(rows["targets"]):
     raise ValueError(f"The training split of task '{task.name}' has no tokens.")
+  if budget is not None:
+    rows = _subset_rows(rows, *budget)
   return _permuted_batches(
       rows, data_config.batch_size, seed, start_index, local_size, process_index
   )
+
+
+# Seed of the fixed row order from which data budgets (train_rows) are taken.
+_BUDGET_ORDER_SEED = 20_251_015
+
+
+def _training_rows_budget(
+    data_config: ml_collections.ConfigDict,
+) -> tuple[int, int] | None:
+  """Return (offset, rows) of the training-row budget, or None for the whole split."""
+  rows = int(data_config.get("train_rows", 0))
+  offset = int(data_config.get("train_rows_offset", 0))
+  if rows < 0 or offset < 0:
+    raise ValueError(
+        f"data.train_rows={rows} and data.train_rows_offset={offset} must be 0 or"
+        " more; data.train_rows=0 trains on the whole split."
+    )
+  if rows == 0:
+    if offset:
+      raise ValueError(
+          f"data.train_rows_offset={offset} has no effect without a budget; set"
+          " data.train_rows to the number of rows to train on."
+      )
+    return None
+  return offset, rows
+
+
+def _subset_rows(
+    rows: dict[str, np.ndarray], offset: int, count: int
+) -> dict[str, np.ndarray]:
+  """Return the budget rows [offset, offset + count) of the fixed budget order."""
+  num_rows = len(rows["targets"])
+  if offset + count > num_rows:
+    raise ValueError(
+        f"data.train_rows_offset + data.train_rows = {offset} + {count} exceeds the"
+        f" {num_rows} packed rows of the training split at this seq_len; lower"
+        " them or use a larger corpus."
+    )
+  order = np.random.default_rng(_BUDGET_ORDER_SEED).permutation(num_rows)
+  # Sorted, so that the rows keep the split's fixed order before the epoch shuffles.
+  chosen = np.sort(order[offset : offset + count])
+  return {name: value[chosen] for name, value in rows.items()}
 
 
 def _permuted_batches(
@@ -566,19 +618,29 @@ def _streamed_batches(
     start_index: int,
     local_size: int,
     process_index: int,
+    budget: tuple[int, int] | None,
 ) -> Iterator[dict[str, np.ndarray]]:
-  dataset = _packed_rows(
-      task,
-      "train",
-      int(data_config.seq_len),
-      shuffle=True,
-      seed=int(data_config.seed),
-      num_epochs=None,
-      shuffle_buffer=int(data_config.shuffle_buffer),
-  )
-  dataset = dataset.shuffle(
-      int(data_config.shuffle_buffer), seed=int(data_config.seed)
-  )
+  if budget is None:
+    dataset = _packed_rows(
+        task,
+        "train",
+        int(data_config.seq_len),
+        shuffle=True,
+        seed=int(data_config.seed),
+        num_epochs=None,
+        shuffle_buffer=int(data_config.shuffle_buffer),
+    )
+    dataset = dataset.shuffle(
+        int(data_config.shuffle_buffer), seed=int(data_config.seed)
+    )
+  else:
+    # Shuffled before repeating, so that every epoch visits the budget exactly once.
+    offset, count = budget
+    dataset = _packed_rows(task, "train", int(data_config.seq_len))
+    dataset = dataset.skip(offset).take(count)
+    dataset = dataset.shuffle(
+        int(data_config.shuffle_buffer), seed=int(data_config.seed)
+    ).repeat()
   dataset = dataset.batch(data_config.batch_size, drop_remainder=True)
   # NOTE: every process reads, tokenizes and packs the whole global stream and
   # keeps only its own rows of each batch.

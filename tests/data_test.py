@@ -298,6 +298,66 @@ def test_resume_matches_advanced_stream(config, num_train_rows):
       assert_batches_equal(resumed, batch)
 
 
+def budget_row_hashes(config, num_rows):
+  """Return the row hashes of the first `num_rows` rows the training stream yields."""
+  batches = data.train_batches(config)
+  hashes = []
+  while len(hashes) < num_rows:
+    hashes.extend(row_hashes(next(batches)))
+  return hashes[:num_rows]
+
+
+def test_row_budgets_nest_and_offsets_are_disjoint(config, train_rows):
+  small = make_config(config.data_dir, train_rows=40)
+  large = make_config(config.data_dir, train_rows=120)
+  beside = make_config(config.data_dir, train_rows=40, train_rows_offset=120)
+
+  small_epochs = budget_row_hashes(small, 80)
+  large_epoch = budget_row_hashes(large, 120)
+  beside_epoch = budget_row_hashes(beside, 40)
+
+  # Each epoch visits exactly the budget, and the second epoch the same rows again.
+  assert collections.Counter(small_epochs[:40]) == collections.Counter(small_epochs[40:])
+  assert small_epochs[:40] != small_epochs[40:]
+  assert not collections.Counter(small_epochs[:40]) - collections.Counter(large_epoch)
+  assert not set(large_epoch) & set(beside_epoch)
+  assert not collections.Counter(large_epoch + beside_epoch) - train_rows
+
+
+def test_row_budget_does_not_depend_on_the_data_seed(config):
+  budget = dict(train_rows=40, train_rows_offset=7)
+  seed_0 = budget_row_hashes(make_config(config.data_dir, **budget), 40)
+  seed_1 = budget_row_hashes(make_config(config.data_dir, seed=1, **budget), 40)
+
+  assert seed_0 != seed_1
+  assert collections.Counter(seed_0) == collections.Counter(seed_1)
+
+
+def test_streamed_row_budget_cycles_over_the_first_rows(config, monkeypatch):
+  monkeypatch.setattr(data, "MAX_IN_MEMORY_EXAMPLES", 0)
+  streamed = make_config(config.data_dir, train_rows=24, train_rows_offset=8)
+  in_order = data.eval_batches(make_config(config.data_dir, batch_size=32), split="train")[0]
+
+  hashes = budget_row_hashes(streamed, 48)
+
+  expected = collections.Counter(row_hashes(in_order)[8:32])
+  assert collections.Counter(hashes[:24]) == expected
+  assert collections.Counter(hashes[24:]) == expected
+
+
+@pytest.mark.parametrize(
+    "budget, message",
+    [
+        (dict(train_rows=-1), r"data.train_rows=-1 .* must be 0 or more"),
+        (dict(train_rows_offset=5), r"train_rows_offset=5 has no effect without a budget"),
+        (dict(train_rows=10**7), r"exceeds the \d+ packed rows of the training split"),
+    ],
+)
+def test_bad_row_budget_raises(config, budget, message):
+  with pytest.raises(ValueError, match=message):
+    next(data.train_batches(make_config(config.data_dir, **budget)))
+
+
 def test_process_rows_concatenate_to_global_batch(config, num_train_rows):
   for index in [0, 5, num_train_rows // BATCH_SIZE]:
     whole = next(data.train_batches(config, start_index=index))
