@@ -28,8 +28,14 @@ def pause_histogram(counts: np.ndarray, edges: np.ndarray, title: str, path: str
     """Draw the share of tokens per bin of expected pauses."""
     figure, axes = plt.subplots(figsize=(6, 4))
     total = max(counts.sum(), 1)
-    axes.bar(edges[:-1], 100.0 * counts / total, width=np.diff(edges), align="edge",
-             color="tab:blue", edgecolor="white")
+    axes.bar(
+        edges[:-1],
+        100.0 * counts / total,
+        width=np.diff(edges),
+        align="edge",
+        color="tab:blue",
+        edgecolor="white",
+    )
     axes.set_xlabel("expected pauses per token, E[S]")
     axes.set_ylabel("tokens (%)")
     axes.set_xlim(edges[0], edges[-1])
@@ -53,7 +59,11 @@ def stopping_distribution(mean_stop_W: np.ndarray, title: str, path: str) -> Non
 
 
 def calibration(
-    dont_know_NxI: np.ndarray, gain_NxI: np.ndarray, correlations: Sequence[float], title: str, path: str
+    dont_know_NxI: np.ndarray,
+    gain_NxI: np.ndarray,
+    correlations: Sequence[float],
+    title: str,
+    path: str,
 ) -> None:
     """Draw, for each step i, the joint density of d_i and t_{i+1} - t_i."""
     steps = dont_know_NxI.shape[1]
@@ -91,7 +101,9 @@ def perplexity_bars(labels: Sequence[str], values: Sequence[float], title: str, 
     _save(figure, path)
 
 
-def learning_curves(curves: Mapping[str, Mapping[str, tuple[list, list]]], title: str, path: str) -> None:
+def learning_curves(
+    curves: Mapping[str, Mapping[str, tuple[list, list]]], title: str, path: str
+) -> None:
     """Draw training NLL and validation perplexity against the step, one line per run.
 
     `curves[run][metric]` is (steps, values) for the metrics 'train/nll' and
@@ -135,10 +147,12 @@ def passages_html(
         f"<h1>{html.escape(title)}</h1>",
         "<p>Each token's background shows the expected number of pauses the model spent "
         f"before producing it: white is 0, full red is {scale}. Hover over a token for the value.</p>",
-        "<p>Scale: " + " ".join(
+        "<p>Scale: "
+        + " ".join(
             f'<span style="background:rgba(214,39,40,{level / scale:.2f})">&nbsp;{level}&nbsp;</span>'
             for level in range(scale + 1)
-        ) + "</p>",
+        )
+        + "</p>",
     ]
     for passage in passages:
         spans = []
@@ -152,3 +166,37 @@ def passages_html(
     parts.append("</body></html>")
     with open(path, "w", encoding="utf-8") as handle:
         handle.write("\n".join(parts))
+
+
+def data_efficiency(
+    points: Mapping[str, Sequence[tuple[int, int, float]]], title: str, path: str
+) -> None:
+    """Draw perplexity against the data read, one line per method.
+
+    `points[method]` holds (data multiple D, passes P, perplexity) per regime PxD.
+    One-pass regimes are joined by a line; repeated passes are hollow markers at
+    the data they read (P x D), labelled with their regime.
+    """
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for index, (method, regimes) in enumerate(points.items()):
+        color = f"C{index}"
+        one_pass = sorted((data, value) for data, passes, value in regimes if passes == 1)
+        if one_pass:
+            axes.plot(*zip(*one_pass), marker="o", color=color, label=f"{method}, one pass")
+        for data, passes, value in regimes:
+            if passes > 1:
+                axes.plot(
+                    [passes * data],
+                    [value],
+                    marker="s",
+                    markerfacecolor="none",
+                    color=color,
+                    linestyle="none",
+                    label=f"{method}, {passes}x{data}",
+                )
+    axes.set_xlabel("data read, in multiples of the base budget")
+    axes.set_ylabel("validation perplexity (per token, lower is better)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    axes.set_title(title)
+    _save(figure, path)
