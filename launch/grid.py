@@ -16,6 +16,9 @@ A grid definition is a Python file with:
               ({'regime': {'1x1': {'total_steps': 40}, ...}}).
     ROOT      (optional) parent directory of the workdirs, default runs/grid_<file name>
 
+A grid file may import modules from its own folder (launch/grids/sizes.py holds
+the sizes the shipped grids share).
+
 A run's workdir is ROOT/<config>[__<axis>=<value>...], the same for every
 invocation. A run whose summary.json reports the requested total_steps is
 skipped; any other run starts or resumes from its newest checkpoint.
@@ -50,7 +53,12 @@ def load_grid(path: str) -> dict[str, Any]:
     """Import a grid definition file and check its fields."""
     spec = importlib.util.spec_from_file_location("_cyb_jax_grid", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    # A grid file may import the modules beside it, such as launch/grids/sizes.py.
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.pop(0)
     for field in ("CONFIGS", "GRID"):
         if not hasattr(module, field):
             raise ValueError(f"Grid file {path} defines no {field}; see launch/grid.py for the format.")

@@ -8,6 +8,8 @@ The CYB paper fine-tunes a pretrained model; these runs train from scratch, so t
 CYB configs keep their countermeasures against the collapse to never pausing.
 """
 
+import sizes
+
 CONFIGS = {
     "ce": "configs/ce.py",
     "pause_ce": "configs/pause_ce.py",
@@ -16,17 +18,5 @@ CONFIGS = {
     "dp": "configs/dp.py",
 }
 TOTAL_STEPS = 150
-BASE = {
-    "model.num_layers": 2,
-    "model.d_model": 64,
-    "model.num_heads": 4,
-    "model.mlp_dim": 192,
-    "data.seq_len": 32,
-    "data.batch_size": 16,
-    "data.eval_max_batches": 20,
-    "total_steps": TOTAL_STEPS,
-    "eval_every": TOTAL_STEPS,
-    "checkpoint_every": 50,
-    "log_every": 25,
-}
+BASE = {**sizes.TINY, "total_steps": TOTAL_STEPS, "eval_every": TOTAL_STEPS}
 GRID = [{"config": ["ce", "pause_ce", "ap", "va", "dp"]}]

@@ -9,21 +9,11 @@
 15-25 minutes for the grid on two CPU cores).
 """
 
+import sizes
+
 CONFIGS = {"ap": "configs/ap.py", "va": "configs/va.py", "dp": "configs/dp.py"}
 TOTAL_STEPS = 150
-BASE = {
-    "model.num_layers": 2,
-    "model.d_model": 64,
-    "model.num_heads": 4,
-    "model.mlp_dim": 192,
-    "data.seq_len": 32,
-    "data.batch_size": 16,
-    "data.eval_max_batches": 20,
-    "total_steps": TOTAL_STEPS,
-    "eval_every": TOTAL_STEPS,
-    "checkpoint_every": 50,
-    "log_every": 25,
-}
+BASE = {**sizes.TINY, "total_steps": TOTAL_STEPS, "eval_every": TOTAL_STEPS}
 PRIORS = ["1:1:1:1", "4:1:1:4", "11:3:3:3"]
 GRID = [
     {"config": ["ap"], "loss.world_stop": ["1:1:1:1", "4:1:1:4"]},

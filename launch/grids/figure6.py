@@ -9,20 +9,12 @@ paper did, fine-tuning a pretrained model, and writes the report.
 grid on two CPU cores.
 """
 
+import sizes
+
 CONFIGS = {"ce": "configs/ce.py", "pause_ce": "configs/pause_ce.py", "ap": "configs/ap.py"}
-BATCH_SIZE = 16
+BASE = sizes.TINY
+BATCH_SIZE = BASE["data.batch_size"]
 BASE_ROWS = 1600
-BASE = {
-    "model.num_layers": 2,
-    "model.d_model": 64,
-    "model.num_heads": 4,
-    "model.mlp_dim": 192,
-    "data.seq_len": 32,
-    "data.batch_size": BATCH_SIZE,
-    "data.eval_max_batches": 20,
-    "checkpoint_every": 50,
-    "log_every": 25,
-}
 REGIMES = {
     f"{passes}x{data}": {
         "data.train_rows": BASE_ROWS * data,
