@@ -91,11 +91,13 @@ def _masked_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
 def make_objective(
     config: ml_collections.ConfigDict, model_config: model_lib.TransformerConfig
 ) -> Objective:
-    """Return `objective(logits, targets, weights, step, granted_steps=None) -> (loss, metrics)`.
+    """Return `objective(predictions, targets, weights, step, granted_steps=None) -> (loss, metrics)`.
 
-    With `granted_steps` [B, L] (recipe 'sampled'), the loss ends each token's window
-    at its last granted step, and the auxiliary cross-entropy averages over the
-    granted steps only.
+    `predictions` is either the model's logits [B, L, W, V + 1] or the
+    `losses.StepLogProbs` of `targets` that the model returns when given them, each
+    array [B, L, W]. With `granted_steps` [B, L] (recipe 'sampled'), the loss ends
+    each token's window at its last granted step, and the auxiliary cross-entropy
+    averages over the granted steps only.
     """
     loss_fn = make_loss_fn(config)
     loss_name = config.loss.name
@@ -105,8 +107,11 @@ def make_objective(
     dk_id = model_config.dk_id
     window = model_config.window
 
-    def objective(logits_BxLxWxV, targets_BxL, weights_BxL, step, granted_steps_BxL=None):
-        log_probs = losses.step_log_probs(logits_BxLxWxV, targets_BxL, dk_id)
+    def objective(predictions, targets_BxL, weights_BxL, step, granted_steps_BxL=None):
+        if isinstance(predictions, losses.StepLogProbs):
+            log_probs = predictions
+        else:
+            log_probs = losses.step_log_probs(predictions, targets_BxL, dk_id)
         trained = log_probs
         if warmup_steps > 0:
             held = losses.StepLogProbs(
