@@ -117,7 +117,7 @@ def data_needed(
 
 
 def data_ratio(baseline: Sequence[RunRecord], reference: RunRecord) -> tuple[float, str] | None:
-    """How many times the data of `reference` the baseline's one-pass curve needs to match it."""
+    """Return how many times the data of `reference` the baseline needs to match it."""
     points = [run for run in baseline if run.passes == 1 and run.finished]
     if len(points) < 2 or not reference.finished:
         return None
@@ -415,7 +415,7 @@ def _ordering_notes(one_by_one: Sequence[RunRecord]) -> list[str]:
 
 
 def _ratio_section(curves: Mapping[str, Sequence[RunRecord]]) -> list[str]:
-    """The data-efficiency ratios of the baselines against every CYB-AP point."""
+    """Tabulate the data-efficiency ratios of the baselines against every one-pass CYB-AP run."""
     references = [
         run
         for method, runs in curves.items()

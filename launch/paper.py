@@ -335,7 +335,7 @@ def train(runs: list[dict[str, Any]], timings: Timings) -> list[str]:
 
 
 def best_cyb_run(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The finished, non-collapsed CYB run of regime 1x1 with the lowest perplexity."""
+    """Return the finished, non-collapsed CYB run of regime 1x1 with the lowest perplexity."""
     candidates = [
         (_record(run, {}).perplexity, run)
         for run in runs
