@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from cyb_jax import attention
+from cyb_jax import head as head_lib
 
 PAUSE_INPUTS = ("code", "token+code")
 
@@ -42,6 +43,9 @@ class TransformerConfig:
     dk_prior: float = 0.0  # 0: no DK offset
     vocab_multiple: int = 128
     rope_base: float = 10_000.0
+    # Slots per chunk of the output head when the model is given targets; 0 computes
+    # all logits [B, L * W, V + 1] at once. See head.py.
+    head_chunk: int = 0
 
     @property
     def dk_id(self) -> int:
@@ -82,6 +86,7 @@ def from_config(config: ml_collections.ConfigDict, vocab_size: int) -> Transform
         dk_prior=model.dk_prior,
         vocab_multiple=model.vocab_multiple,
         rope_base=model.rope_base,
+        head_chunk=model.head_chunk,
     )
 
 
@@ -102,21 +107,34 @@ class Projection(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         contracted = tuple(x.shape[-self.input_axes :])
-        shape = contracted + tuple(self.features)
-        init = nn.initializers.variance_scaling(
-            1.0,
-            "fan_in",
-            "truncated_normal",
-            in_axis=tuple(range(self.input_axes)),
-            out_axis=tuple(range(self.input_axes, len(shape))),
-        )
-        kernel = self.param(
-            "kernel",
-            nn.with_logical_partitioning(init, self.logical_axes),
-            shape,
-            jnp.dtype(self.param_dtype),
+        kernel = projection_kernel(
+            self, contracted, tuple(self.features), self.logical_axes, self.param_dtype
         )
         return jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.input_axes)
+
+
+def projection_kernel(
+    module: nn.Module,
+    contracted: tuple[int, ...],
+    features: tuple[int, ...],
+    logical_axes: tuple[str, ...],
+    param_dtype: str,
+) -> jax.Array:
+    """Declare the parameter 'kernel' [*contracted, *features] of `module`, fan-in scaled."""
+    shape = contracted + features
+    init = nn.initializers.variance_scaling(
+        1.0,
+        "fan_in",
+        "truncated_normal",
+        in_axis=tuple(range(len(contracted))),
+        out_axis=tuple(range(len(contracted), len(shape))),
+    )
+    return module.param(
+        "kernel",
+        nn.with_logical_partitioning(init, logical_axes),
+        shape,
+        jnp.dtype(param_dtype),
+    )
 
 
 def apply_rope(x_BxSxHxK: jax.Array, positions_BxS: jax.Array, base: float) -> jax.Array:
@@ -258,17 +276,68 @@ def output_logits(logits_BxSxP: jax.Array, config: TransformerConfig) -> jax.Arr
     return logits_BxSxV1.at[..., config.dk_id].add(config.dk_offset)
 
 
-class Transformer(nn.Module):
-    """Maps token ids [B, L] to per-slot logits [B, L, W, V + 1].
+class OutputHead(nn.Module):
+    """The output projection of the slots' hidden states [B, S, D] onto the vocabulary.
 
-    `granted_steps_BxL` (training recipe 'sampled') leaves slot (n, i) out of
-    attention for i >= granted_steps[n]; its logits are then meaningless.
+    Without targets it returns the `output_logits` [B, S, V + 1]. With targets [B, S]
+    it returns the `losses.StepLogProbs` of the slots, each array [B, S], computed in
+    chunks of `config.head_chunk` slots (all at once when that is 0).
     """
 
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, inputs_BxL, positions_BxL, segment_ids_BxL, granted_steps_BxL=None):
+    def __call__(self, x_BxSxD: jax.Array, targets_BxS: jax.Array | None = None):
+        cfg = self.config
+        kernel_DxP = projection_kernel(
+            self, (cfg.d_model,), (cfg.padded_vocab_size,), ("embed", "vocab"), cfg.param_dtype
+        )
+
+        def logits_fn(x_BxCxD):
+            # The matmul accumulates and returns float32 also when dtype is bfloat16.
+            logits_BxCxP = jnp.tensordot(
+                x_BxCxD.astype(cfg.dtype),
+                kernel_DxP.astype(cfg.dtype),
+                axes=1,
+                preferred_element_type=jnp.float32,
+            )
+            logits_BxCxP = nn.with_logical_constraint(
+                logits_BxCxP, ("act_batch", "act_length", "act_vocab")
+            )
+            return output_logits(logits_BxCxP, cfg)
+
+        if targets_BxS is None:
+            return logits_fn(x_BxSxD)
+        if cfg.head_chunk < 0:
+            raise ValueError(f"head_chunk must be 0 or a positive slot count, got {cfg.head_chunk}")
+        if cfg.head_chunk == 0:
+            return head_lib.step_log_probs_of_slots(logits_fn, x_BxSxD, targets_BxS, cfg.dk_id)
+        return head_lib.chunked_step_log_probs(
+            logits_fn, x_BxSxD, targets_BxS, cfg.dk_id, cfg.head_chunk
+        )
+
+
+class Transformer(nn.Module):
+    """Maps token ids [B, L] to per-slot logits [B, L, W, V + 1].
+
+    Given `targets_BxL`, it returns the `losses.StepLogProbs` of those targets
+    instead, each array [B, L, W], without forming all logits at once unless
+    `config.head_chunk` is 0. `granted_steps_BxL` (training recipe 'sampled') leaves
+    slot (n, i) out of attention for i >= granted_steps[n]; its logits are then
+    meaningless.
+    """
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        inputs_BxL,
+        positions_BxL,
+        segment_ids_BxL,
+        granted_steps_BxL=None,
+        targets_BxL=None,
+    ):
         cfg = self.config
         batch, length = inputs_BxL.shape
         window = cfg.window
@@ -297,12 +366,10 @@ class Transformer(nn.Module):
             )
         x_BxSxD = RMSNorm(cfg.dtype, cfg.param_dtype, name="final_norm")(x_BxSxD)
 
-        head = Projection(
-            (cfg.padded_vocab_size,), ("embed", "vocab"), 1, cfg.dtype, cfg.param_dtype, name="head"
-        )
-        logits_BxSxP = head(x_BxSxD)
-        logits_BxSxP = nn.with_logical_constraint(
-            logits_BxSxP, ("act_batch", "act_length", "act_vocab")
-        )
-        logits_BxSxV1 = output_logits(logits_BxSxP, cfg)
-        return logits_BxSxV1.reshape(batch, length, window, cfg.vocab_size + 1)
+        head = OutputHead(cfg, name="head")
+        if targets_BxL is None:
+            logits_BxSxV1 = head(x_BxSxD)
+            return logits_BxSxV1.reshape(batch, length, window, cfg.vocab_size + 1)
+        targets_BxS = jnp.repeat(targets_BxL, window, axis=1)
+        log_probs_BxS = head(x_BxSxD, targets_BxS)
+        return jax.tree.map(lambda array: array.reshape(batch, length, window), log_probs_BxS)

@@ -25,7 +25,6 @@ from absl import logging
 from cyb_jax import checkpointing
 from cyb_jax import configuration
 from cyb_jax import data
-from cyb_jax import losses
 from cyb_jax import model as model_lib
 from cyb_jax import objective as objective_lib
 from cyb_jax import preemption
@@ -84,10 +83,15 @@ def train_step(
         granted = sample_grants(step_key, batch["inputs"].shape)
 
     def loss_of(params):
-        logits = model.apply(
-            {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"], granted
+        log_probs = model.apply(
+            {"params": params},
+            batch["inputs"],
+            batch["positions"],
+            batch["segment_ids"],
+            granted,
+            targets_BxL=batch["targets"],
         )
-        return objective(logits, batch["targets"], batch["weights"], state.step, granted)
+        return objective(log_probs, batch["targets"], batch["weights"], state.step, granted)
 
     (_, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -105,10 +109,13 @@ def train_step(
 
 def eval_step(params, batch, *, model, model_config, loss_name):
     """Weighted sums over the batch of every per-token statistic, and the token count."""
-    logits = model.apply(
-        {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"]
+    log_probs = model.apply(
+        {"params": params},
+        batch["inputs"],
+        batch["positions"],
+        batch["segment_ids"],
+        targets_BxL=batch["targets"],
     )
-    log_probs = losses.step_log_probs(logits, batch["targets"], model_config.dk_id)
     stats = objective_lib.token_statistics(log_probs, loss_name)
     weights = batch["weights"]
     sums = {name: jnp.sum(value * weights) for name, value in stats.items()}
