@@ -173,7 +173,9 @@ def private_attention(
     order of `slot_layout(segment_ids_BxL, window, ...)`, whose result is `layout`.
     The output is [B, S, H, K] in the value dtype and equals
     `reference_attention(query, key, value, attention_mask(layout, 'private'))`,
-    absent slots included. Scores and softmax statistics are float32.
+    absent slots included. Scores and softmax statistics are float32. The softmax
+    weights enter the product with the values in the value dtype, which accumulates
+    in float32.
 
     Slot (n, i) reads two parts, softmaxed separately and merged through their
     log-sum-exps:
