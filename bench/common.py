@@ -1,0 +1,160 @@
+"""Shared pieces of the benchmarks: the model setup, a synthetic batch and timing."""
+
+import dataclasses
+import functools
+import statistics
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from configs import ap as ap_config
+from configs import ce as ce_config
+from configs import pause_ce as pause_ce_config
+from cyb_jax import model as model_lib
+from cyb_jax import objective as objective_lib
+from cyb_jax import train
+
+CONFIGS = {"ce": ce_config, "pause_ce": pause_ce_config, "ap": ap_config}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSize:
+    """The model and batch shape shared by every case of one benchmark run."""
+
+    num_layers: int
+    d_model: int
+    num_heads: int
+    mlp_dim: int
+    vocab_size: int
+    tokens_per_batch: int  # real tokens per step; the batch size is this over seq_len
+
+    def describe(self) -> str:
+        return (
+            f"layers={self.num_layers} d_model={self.d_model} heads={self.num_heads} "
+            f"mlp_dim={self.mlp_dim} vocab={self.vocab_size} "
+            f"real tokens per step={self.tokens_per_batch}"
+        )
+
+
+def run_config(
+    loss: str,
+    window: int,
+    visibility: str,
+    seq_len: int,
+    size: ModelSize,
+    head_chunk: int | None = None,
+) -> ml_collections.ConfigDict:
+    """Return the experiment config of `loss` with the benchmark's shapes."""
+    if size.tokens_per_batch % seq_len:
+        raise ValueError(
+            f"tokens per batch {size.tokens_per_batch} is not a multiple of seq_len {seq_len}"
+        )
+    config = CONFIGS[loss].get_config()
+    config.pause.window = window
+    config.model.pause_visibility = visibility
+    config.model.num_layers = size.num_layers
+    config.model.d_model = size.d_model
+    config.model.num_heads = size.num_heads
+    config.model.mlp_dim = size.mlp_dim
+    config.data.vocab_size = size.vocab_size
+    config.data.seq_len = seq_len
+    config.data.batch_size = size.tokens_per_batch // seq_len
+    if head_chunk is not None:
+        config.model.head_chunk = head_chunk
+    return config
+
+
+def synthetic_batch(config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+    """Return a batch of random tokens, each row one example without padding."""
+    batch_size, seq_len = config.data.batch_size, config.data.seq_len
+    rng = np.random.default_rng(0)
+    targets = rng.integers(1, config.data.vocab_size, size=(batch_size, seq_len))
+    inputs = np.concatenate([np.zeros((batch_size, 1), np.int64), targets[:, :-1]], axis=1)
+    return {
+        "inputs": jnp.asarray(inputs, jnp.int32),
+        "targets": jnp.asarray(targets, jnp.int32),
+        "weights": jnp.ones((batch_size, seq_len), jnp.float32),
+        "segment_ids": jnp.ones((batch_size, seq_len), jnp.int32),
+        "positions": jnp.asarray(np.tile(np.arange(seq_len), (batch_size, 1)), jnp.int32),
+    }
+
+
+@dataclasses.dataclass
+class TrainCase:
+    """A jitted train step with its initial state and batch."""
+
+    config: ml_collections.ConfigDict
+    model_config: model_lib.TransformerConfig
+    step_fn: object
+    state: train.TrainState
+    batch: dict[str, jax.Array]
+
+
+def build_train_case(config: ml_collections.ConfigDict) -> TrainCase:
+    """Build the model, optimizer, state and jitted train step as training does, on one device."""
+    model_config = model_lib.from_config(config, config.data.vocab_size)
+    model = model_lib.Transformer(model_config)
+    optimizer, _ = train.make_optimizer(config.optimizer, config.total_steps)
+    batch = synthetic_batch(config)
+    params = nn.meta.unbox(
+        model.init(jax.random.key(0), batch["inputs"], batch["positions"], batch["segment_ids"])[
+            "params"
+        ]
+    )
+    state = train.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        rng=jax.random.key_data(jax.random.key(1)),
+    )
+    objective = objective_lib.make_objective(config, model_config)
+    step_fn = jax.jit(
+        functools.partial(train.train_step, model=model, optimizer=optimizer, objective=objective),
+        donate_argnums=(0,),
+    )
+    return TrainCase(config, model_config, step_fn, state, batch)
+
+
+def median_seconds(run, repeats: int) -> float:
+    """Call `run()` (which must block until its result is ready) and return the median time."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def time_train_steps(case: TrainCase, repeats: int) -> float:
+    """Compile and run one step, then return the median seconds of `repeats` further steps."""
+    state = case.state
+
+    def one_step():
+        nonlocal state
+        state, metrics = case.step_fn(state, case.batch)
+        jax.block_until_ready(metrics["loss"])
+
+    one_step()
+    return median_seconds(one_step, repeats)
+
+
+def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> float:
+    """Measure float32 FLOP/s of a jitted [size, size] x [size, size] jnp.dot on device 0."""
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.normal(size=(size, size)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=(size, size)), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    dot(a, b).block_until_ready()
+    seconds = median_seconds(lambda: dot(a, b).block_until_ready(), repeats)
+    return 2.0 * size**3 / seconds
+
+
+def describe_machine() -> str:
+    devices = jax.devices()
+    return (
+        f"jax {jax.__version__}, {len(devices)} x {devices[0].device_kind} ({devices[0].platform})"
+    )
