@@ -129,28 +129,57 @@ def median_seconds(run, repeats: int) -> float:
     return statistics.median(times)
 
 
-def time_train_steps(case: TrainCase, repeats: int) -> float:
-    """Compile and run one step, then return the median seconds of `repeats` further steps."""
+def make_step_runner(case: TrainCase):
+    """Return `run()`, which applies one train step to the case's state and blocks.
+
+    The first call compiles. The state advances with every call, as in training.
+    """
     state = case.state
 
-    def one_step():
+    def run():
         nonlocal state
         state, metrics = case.step_fn(state, case.batch)
         jax.block_until_ready(metrics["loss"])
 
-    one_step()
-    return median_seconds(one_step, repeats)
+    return run
 
 
-def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> float:
-    """Measure float32 FLOP/s of a jitted [size, size] x [size, size] jnp.dot on device 0."""
+def time_train_steps(case: TrainCase, repeats: int) -> float:
+    """Compile and run one step, then return the median seconds of `repeats` further steps."""
+    run = make_step_runner(case)
+    run()
+    return median_seconds(run, repeats)
+
+
+def time_round_robin(runners: list, repeats: int) -> list[float]:
+    """Return each runner's median seconds over `repeats` rounds that call every runner once.
+
+    Interleaving the runners exposes them to the same background load on a shared
+    machine, which keeps their ratios meaningful when the load changes over time.
+    """
+    times = [[] for _ in runners]
+    for _ in range(repeats):
+        for index, run in enumerate(runners):
+            start = time.perf_counter()
+            run()
+            times[index].append(time.perf_counter() - start)
+    return [statistics.median(case_times) for case_times in times]
+
+
+def make_matmul_runner(size: int = 2048):
+    """Return `run()` for a jitted float32 [size, size] x [size, size] jnp.dot, and its FLOPs.
+
+    The first call of `run` compiles.
+    """
     rng = np.random.default_rng(0)
     a = jnp.asarray(rng.normal(size=(size, size)), jnp.float32)
     b = jnp.asarray(rng.normal(size=(size, size)), jnp.float32)
     dot = jax.jit(jnp.dot)
-    dot(a, b).block_until_ready()
-    seconds = median_seconds(lambda: dot(a, b).block_until_ready(), repeats)
-    return 2.0 * size**3 / seconds
+
+    def run():
+        dot(a, b).block_until_ready()
+
+    return run, 2.0 * size**3
 
 
 def describe_machine() -> str:

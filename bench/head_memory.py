@@ -16,8 +16,6 @@ arguments + outputs - aliased (the donated state) + temporaries.
 
 import argparse
 
-import jax
-
 from bench import common
 
 MEMORY_CUT_TARGET = 0.30
@@ -56,7 +54,9 @@ def main() -> None:
     parser.add_argument(
         "--tokens-per-batch", type=int, default=1024, help="real tokens per train step"
     )
-    parser.add_argument("--repeats", type=int, default=2, help="timed steps per case")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timing rounds; each times one step of every head"
+    )
     parser.add_argument("--no-time", action="store_true", help="report memory only")
     args = parser.parse_args()
 
@@ -81,29 +81,38 @@ def main() -> None:
         "MiB from compiled.memory_analysis(): temp = temp_size_in_bytes; total = arguments "
         "+ outputs - aliased + temp\n"
     )
-    print(f"{'head_chunk':>10} {'temp MiB':>10} {'total MiB':>10} {'vs full':>8} {'step ms':>9}")
-
-    totals = {}
+    memories, runners = {}, []
     for head_chunk in chunks:
         config = common.run_config(
             args.loss, args.window, args.visibility, args.seq_len, size, head_chunk
         )
         case = common.build_train_case(config)
-        memory = step_memory(case)
-        totals[head_chunk] = memory["total"]
-        step = "" if args.no_time else f"{common.time_train_steps(case, args.repeats) * 1e3:9.0f}"
+        memories[head_chunk] = step_memory(case)
+        if not args.no_time:
+            runner = common.make_step_runner(case)
+            runner()
+            runners.append(runner)
+    # Interleaved rounds expose every head to the same background load.
+    seconds = common.time_round_robin(runners, args.repeats) if runners else []
+
+    print(f"{'head_chunk':>10} {'temp MiB':>10} {'total MiB':>10} {'vs full':>8} {'step ms':>9}")
+    totals = {head_chunk: memory["total"] for head_chunk, memory in memories.items()}
+    for index, head_chunk in enumerate(chunks):
+        memory = memories[head_chunk]
+        step = f"{seconds[index] * 1e3:9.0f}" if seconds else ""
         print(
             f"{head_chunk:>10} {memory['temp'] / 2**20:10.1f} {memory['total'] / 2**20:10.1f} "
-            f"{memory['total'] / totals[0]:8.2f} {step}",
-            flush=True,
+            f"{memory['total'] / totals[0]:8.2f} {step}"
         )
-        if memory["reported_peak"]:
-            print(
-                f"{'':>10} peak_memory_in_bytes: {memory['reported_peak'] / 2**20:.1f} MiB, "
-                f"argument_size_in_bytes: {memory['arguments'] / 2**20:.1f} MiB"
-            )
-        del case
-        jax.clear_caches()
+    peaks = {memory["reported_peak"] for memory in memories.values()}
+    arguments = {memory["arguments"] for memory in memories.values()}
+    print(
+        "peak_memory_in_bytes for every head: "
+        + ", ".join(f"{peak / 2**20:.1f}" for peak in sorted(peaks))
+        + " MiB; argument_size_in_bytes: "
+        + ", ".join(f"{size / 2**20:.1f}" for size in sorted(arguments))
+        + " MiB"
+    )
 
     print("\nTarget")
     for head_chunk in chunks[1:]:

@@ -7,8 +7,11 @@ Run from the repository root, for example
     python -m bench.step_time --seq-lens 1024 --windows 4 --losses ap
 
 Every case of one run uses the same model size and the same number of real tokens
-per step, so the printed ratios compare cases measured in one process. Absolute
-times depend on the machine and on other jobs running on it.
+per step. All cases are compiled first and then timed in interleaved rounds, each
+round running one step of every case, one call of the loss kernel and one large
+matmul, and each time is the median over rounds. A change in background load then
+affects every case alike, so the printed ratios stay meaningful on a shared machine
+while absolute times do not.
 
 Model FLOPs are counted analytically from the shapes: every matmul of the forward
 pass, the attention restricted to the (query, key) slot pairs that the pause
@@ -92,11 +95,12 @@ def compiled_flops(case: common.TrainCase) -> float | None:
     return float(analysis["flops"])
 
 
-def time_loss_kernel(case: common.TrainCase, repeats: int) -> float:
-    """Median seconds of the objective's value and gradient on given log-probabilities.
+def make_loss_runner(case: common.TrainCase, calls: int = 10):
+    """Return `run()`, which evaluates the objective's value and gradient `calls` times.
 
     The log-probabilities have the shape [B, L, W] of the train step, so this is the
-    part of the step that the CYB loss itself costs, metrics included.
+    part of the step that the CYB loss itself costs, metrics included. The first call
+    of `run` compiles.
     """
     config, batch = case.config, case.batch
     objective = objective_lib.make_objective(config, case.model_config)
@@ -109,27 +113,57 @@ def time_loss_kernel(case: common.TrainCase, repeats: int) -> float:
         return objective(predictions, batch["targets"], batch["weights"], jnp.asarray(1000))
 
     value_and_grad = jax.jit(jax.value_and_grad(loss_of, has_aux=True))
-    jax.block_until_ready(value_and_grad(log_probs))
-    return common.median_seconds(lambda: jax.block_until_ready(value_and_grad(log_probs)), repeats)
+
+    def run():
+        for _ in range(calls):
+            jax.block_until_ready(value_and_grad(log_probs))
+
+    return run
 
 
-def run_case(loss, window, visibility, seq_len, size, repeats) -> Result:
-    config = common.run_config(loss, window, visibility, seq_len, size)
-    case = common.build_train_case(config)
-    xla_flops = compiled_flops(case)
-    step_seconds = common.time_train_steps(case, repeats)
-    loss_seconds = time_loss_kernel(case, repeats)
-    return Result(
-        loss=loss,
-        window=window,
-        visibility=visibility,
-        seq_len=seq_len,
-        batch_size=config.data.batch_size,
-        step_seconds=step_seconds,
-        loss_seconds=loss_seconds,
-        model_flops=model_flops_per_step(case.model_config, config.data.batch_size, seq_len),
-        xla_flops=xla_flops,
-    )
+def run_cases(cases, size, repeats) -> tuple[list[Result], float]:
+    """Compile every case, then time them and the matmul in interleaved rounds.
+
+    Returns the results and the matmul FLOP/s measured in the same rounds.
+    """
+    loss_calls = 10
+    prepared = []
+    for loss, window, visibility, seq_len in cases:
+        config = common.run_config(loss, window, visibility, seq_len, size)
+        case = common.build_train_case(config)
+        xla_flops = compiled_flops(case)
+        step_runner = common.make_step_runner(case)
+        loss_runner = make_loss_runner(case, loss_calls)
+        step_runner()
+        loss_runner()
+        prepared.append((case, xla_flops, step_runner, loss_runner))
+        print(f"  compiled {loss} W={window} {visibility} seq_len={seq_len}", flush=True)
+
+    matmul_runner, matmul_flops = common.make_matmul_runner()
+    matmul_runner()
+    runners = [matmul_runner]
+    for _, _, step_runner, loss_runner in prepared:
+        runners.extend([step_runner, loss_runner])
+    matmul_seconds, *seconds = common.time_round_robin(runners, repeats)
+
+    results = []
+    for index, (case, xla_flops, _, _) in enumerate(prepared):
+        config = case.config
+        batch_size, seq_len = config.data.batch_size, config.data.seq_len
+        results.append(
+            Result(
+                loss=config.loss.name,
+                window=config.pause.window,
+                visibility=config.model.pause_visibility,
+                seq_len=seq_len,
+                batch_size=batch_size,
+                step_seconds=seconds[2 * index],
+                loss_seconds=seconds[2 * index + 1] / loss_calls,
+                model_flops=model_flops_per_step(case.model_config, batch_size, seq_len),
+                xla_flops=xla_flops,
+            )
+        )
+    return results, matmul_flops / matmul_seconds
 
 
 def print_row(result: Result, peak_flops: float) -> None:
@@ -209,7 +243,9 @@ def main() -> None:
     parser.add_argument(
         "--tokens-per-batch", type=int, default=1024, help="real tokens per train step"
     )
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per case")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timing rounds; each times one step of every case"
+    )
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -219,7 +255,7 @@ def main() -> None:
     if args.quick:
         args.seq_lens = "64,128"
         args.tokens_per_batch = 256
-        args.repeats = 2
+        args.repeats = 3
 
     size = common.ModelSize(
         num_layers=args.layers,
@@ -242,22 +278,19 @@ def main() -> None:
     print(f"Model: {size.describe()}")
     head_chunk = common.run_config("ce", 1, "visible", cases[0][3], size).model.head_chunk
     print(f"Output head chunk: {head_chunk} slots (0: all logits at once)")
-    peak_flops = common.matmul_peak_flops()
-    print(f"Matmul peak (float32 2048^3 jnp.dot, this run): {peak_flops / 1e9:.1f} GFLOP/s")
     print(
         "Model GFLOP: analytic forward + backward matmul count; XLA GFLOP: cost_analysis of "
         "the compiled step; %peak: model FLOP/s over the matmul peak; loss: jitted value and "
         "gradient of the objective on log-probabilities of the step's shape\n"
     )
+    results, peak_flops = run_cases(cases, size, args.repeats)
+    print(f"\nMatmul peak (float32 2048^3 jnp.dot, same rounds): {peak_flops / 1e9:.1f} GFLOP/s")
     print(
-        f"{'loss':>8} {'W':>2} {'pauses':>8} {'L':>5} {'B':>3} {'step ms':>9} {'tokens/s':>9} "
+        f"\n{'loss':>8} {'W':>2} {'pauses':>8} {'L':>5} {'B':>3} {'step ms':>9} {'tokens/s':>9} "
         f"{'slots/s':>9} {'model GF':>9} {'XLA GF':>9} {'%peak':>6} {'loss ms':>8} {'loss%':>6}"
     )
-    results = []
-    for loss, window, visibility, seq_len in cases:
-        result = run_case(loss, window, visibility, seq_len, size, args.repeats)
+    for result in results:
         print_row(result, peak_flops)
-        results.append(result)
     check_targets(results)
 
 
