@@ -18,9 +18,10 @@ fresh init, with the DK prior psi = 0.9) on the same data in the same order:
 The pretraining rows and the fine-tuning rows are disjoint parts of the training
 split (data.train_rows_offset). A CYB run that collapses to no pauses is rerun
 with the design note's countermeasures, first the auxiliary per-step
-cross-entropy, then also token-carrying pauses and a DK warm-up; these runs are
-labelled as beyond the CYB paper. Finally the best CYB model of regime 1x1 is
-analysed (python -m cyb_jax.analyze) and the report is written.
+cross-entropy, then also token-carrying pauses and a DK warm-up. A scale may also
+list extras: 1x1 runs with one of those changes whatever the results. Both kinds
+are labelled as beyond the CYB paper. Finally the best CYB model of regime 1x1
+is analysed (python -m cyb_jax.analyze) and the report is written.
 
 Every run has a fixed workdir under --root, so the command can be stopped and
 rerun: finished runs are skipped and the others resume from their checkpoints.
@@ -63,6 +64,8 @@ class Scale:
     analysis_max_batches: int
     figure4_methods: tuple[str, ...]
     figure6_methods: tuple[str, ...]
+    # (method, tweak) runs of regime 1x1 beyond the CYB paper, tried whatever the results.
+    extras: tuple[tuple[str, str], ...] = ()
     checkpoint_every: int = 100
     log_every: int = 25
 
@@ -96,6 +99,7 @@ SCALES = {
             "ap_private",
         ),
         figure6_methods=("ce", "pause_ce_3", "ap"),
+        extras=(("ap", "aux"), ("ap", "token"), ("pause_ce_3", "token")),
     ),
     # Seconds per run: for the pipeline test.
     "tiny": Scale(
@@ -116,6 +120,7 @@ SCALES = {
         analysis_max_batches=2,
         figure4_methods=("ce", "pause_ce_3", "ap"),
         figure6_methods=("ce", "ap"),
+        extras=(("ap", "token"),),
         checkpoint_every=4,
         log_every=2,
     ),
@@ -143,11 +148,12 @@ METHODS = {
 BEYOND_PAPER = {"ap_private": "private pause attention"}
 # Regime -> (passes P, data multiple D).
 REGIMES = {"1x1": (1, 1), "2x1": (2, 1), "1x2": (1, 2), "1x3": (1, 3)}
-# Countermeasures against a collapse to no pauses, tried in order (design note).
-RESCUES = (
-    ("aux", "auxiliary per-step cross-entropy", lambda steps: {"loss.step_ce_weight": 1.0}),
-    (
-        "aux+token+warmup",
+# Changes beyond the CYB paper, from the design note: name -> (description, overrides
+# as a function of the run's total steps).
+TWEAKS = {
+    "aux": ("auxiliary per-step cross-entropy", lambda steps: {"loss.step_ce_weight": 1.0}),
+    "token": ("token-carrying pauses", lambda steps: {"pause.input": "token+code"}),
+    "aux+token+warmup": (
         "auxiliary per-step cross-entropy, token-carrying pauses, DK warm-up",
         lambda steps: {
             "loss.step_ce_weight": 1.0,
@@ -155,7 +161,9 @@ RESCUES = (
             "loss.dk_warmup_steps": max(1, steps // 4),
         },
     ),
-)
+}
+# Countermeasures against a collapse to no pauses, tried in this order.
+RESCUES = ("aux", "aux+token+warmup")
 
 
 def _common(scale: Scale, data_dir: str | None) -> dict[str, Any]:
@@ -211,8 +219,14 @@ def finetune_run(
     data_dir: str | None,
     method: str,
     regime: str,
-    rescue: tuple[str, str, Any] | None = None,
+    tweak: str | None = None,
+    rescue_level: int | None = 0,
 ) -> dict[str, Any]:
+    """Return a fine-tuning run; `tweak` names an entry of TWEAKS added to its method.
+
+    `rescue_level` counts the countermeasures already tried on the run's line
+    (0 for a planned run); None marks a run that is never rescued.
+    """
     passes, data = REGIMES[regime]
     steps = passes * data * scale.base_rows // scale.batch_size
     config, label, method_overrides = METHODS[method]
@@ -228,11 +242,11 @@ def finetune_run(
     }
     name = f"{method}__{regime}"
     beyond = BEYOND_PAPER.get(method, "")
-    if rescue is not None:
-        suffix, description, make_overrides = rescue
+    if tweak is not None:
+        description, make_overrides = TWEAKS[tweak]
         overrides.update(make_overrides(steps))
-        name = f"{name}+{suffix}"
-        label = f"{label} + {suffix}"
+        name = f"{name}+{tweak}"
+        label = f"{label} + {tweak}"
         beyond = ", ".join(part for part in (beyond, description) if part)
     return _run(
         name,
@@ -243,41 +257,41 @@ def finetune_run(
         label=label,
         regime=regime,
         beyond_paper=beyond,
+        rescue_level=rescue_level,
     )
 
 
 def planned_runs(scale: Scale, root: str, data_dir: str | None) -> list[dict[str, Any]]:
-    """The fine-tuning runs of Figures 4 and 6, before any rescue, in running order."""
+    """Return the fine-tuning runs of Figures 4 and 6 and the extras, in running order."""
     runs = [finetune_run(scale, root, data_dir, method, "1x1") for method in scale.figure4_methods]
     for regime in ("2x1", "1x2", "1x3"):
         runs += [
             finetune_run(scale, root, data_dir, method, regime) for method in scale.figure6_methods
         ]
+    runs += [
+        finetune_run(scale, root, data_dir, method, "1x1", tweak, rescue_level=None)
+        for method, tweak in scale.extras
+    ]
     return runs
 
 
 def rescue_runs(scale: Scale, root: str, data_dir: str | None, runs: list[dict[str, Any]]):
-    """The next countermeasure run of every collapsed CYB run whose rescues are not exhausted.
+    """Return the next countermeasure run of every collapsed CYB run not yet fully rescued.
 
     A run is collapsed when its summary reports fewer expected pauses than
     objective.COLLAPSE_PAUSES; its first rescue adds RESCUES[0], the rescue of that
-    rescue RESCUES[1], and so on.
+    rescue RESCUES[1], and so on. Extras (rescue_level None) are not rescued.
     """
     pending = []
     for run in runs:
-        record = _record(run, {})
-        if not record.collapsed:
+        level = run.get("rescue_level")
+        if level is None or level >= len(RESCUES) or not _record(run, {}).collapsed:
             continue
-        done = run["name"].count("+")
-        level = (
-            0
-            if done == 0
-            else 1 + [suffix for suffix, _, _ in RESCUES].index(run["name"].split("+", 1)[1])
-        )
-        if level < len(RESCUES):
-            pending.append(
-                finetune_run(scale, root, data_dir, run["method"], run["regime"], RESCUES[level])
+        pending.append(
+            finetune_run(
+                scale, root, data_dir, run["method"], run["regime"], RESCUES[level], level + 1
             )
+        )
     return pending
 
 
@@ -478,6 +492,9 @@ def main(argv: list[str] | None = None) -> int:
     # Rescues are decided from finished runs, so a rerun makes the same decisions.
     pending = rescue_runs(scale, root, arguments.data_dir, runs)
     while pending:
+        # A rescue may be a planned extra already (the same name and overrides).
+        names = {run["name"] for run in runs}
+        pending = [run for run in pending if run["name"] not in names]
         runs += pending
         if not arguments.report_only:
             failed += train(pending, timings)

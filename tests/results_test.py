@@ -116,6 +116,16 @@ def test_collapsed_runs_get_each_countermeasure_in_turn(tmp_path):
     assert paper.rescue_runs(scale, root, None, [second]) == []
 
 
+def test_extras_are_not_rescued(tmp_path):
+    scale = paper.SCALES["tiny"]
+    extra = paper.finetune_run(scale, str(tmp_path), None, "ap", "1x1", "token", rescue_level=None)
+    _write_summary(extra, 0.001, extra["overrides"]["total_steps"])
+
+    assert extra["overrides"]["pause.input"] == "token+code"
+    assert extra["beyond_paper"] == "token-carrying pauses"
+    assert paper.rescue_runs(scale, str(tmp_path), None, [extra]) == []
+
+
 def test_finetuning_data_is_disjoint_from_pretraining():
     scale = paper.SCALES["laptop"]
     pretrain = paper.pretrain_run(scale, "/runs", None)["overrides"]
@@ -159,7 +169,9 @@ def test_tiny_pipeline_writes_the_report(tmp_path):
     for name in ("figure4.png", "figure6.png"):
         assert f"(results/{name})" in report
     scale = paper.SCALES["tiny"]
-    expected_runs = 1 + len(scale.figure4_methods) + 3 * len(scale.figure6_methods)
+    expected_runs = (
+        1 + len(scale.figure4_methods) + 3 * len(scale.figure6_methods) + len(scale.extras)
+    )
     summaries = {
         path.name: json.loads((path / "summary.json").read_text())
         for path in root.iterdir()
