@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import jax
 import ml_collections
 
+from cyb_jax import losses
 from cyb_jax import objective
 
 LOSS_NAMES = ("ce", "pause_ce", "ap", "va", "dp")
@@ -25,6 +26,12 @@ CYB_LOSSES = ("ap", "va", "dp")
 VISIBILITY_MODES = ("visible", "private")
 PAUSE_INPUTS = ("code", "token+code")
 DISCOUNT_KINDS = ("constant", "linear", "exponential")
+# Fields that may be None. The command line cannot pass None, so for these fields the
+# value 'none' (any case) means None. Write './none' for a directory of that name.
+NULLABLE_FIELDS = ("data.data_dir",)
+NONE_LITERAL = "none"
+# Fields that contain ratios over the W pause steps, written 'r_0:...:r_{W-1}'. Empty uses the default.
+DISTRIBUTION_FIELDS = ("loss.world_stop", "loss.prior")
 
 
 class ConfigError(ValueError):
@@ -144,6 +151,12 @@ def _parse_override(key: str, text: str, config: ml_collections.ConfigDict) -> A
     for part in parent.split(".") if parent else []:
         section = section[part]
     field_type = section.get_type(leaf)
+    if text.lower() == NONE_LITERAL and key not in NULLABLE_FIELDS and field_type is str:
+        raise ConfigError(
+            f"Invalid value {text!r} for --config.{key}: this field cannot be None. Fields "
+            f"that accept None ({', '.join(NULLABLE_FIELDS)}) take the value '{NONE_LITERAL}'; "
+            f"an empty string is --config.{key}=''."
+        )
     if field_type is bool:
         if text.lower() not in ("true", "false", "1", "0"):
             raise ConfigError(f"Invalid value {text!r} for --config.{key}: expected true or false.")
@@ -159,12 +172,20 @@ def _parse_override(key: str, text: str, config: ml_collections.ConfigDict) -> A
         return None
     if field_type in (tuple, list):
         try:
-            ast.literal_eval(text)
+            value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             raise ConfigError(
                 f"Invalid value {text!r} for --config.{key}: expected a Python literal "
                 f"such as {section[leaf]!r}."
             ) from None
+        # ml_collections wraps a single value into a one-element tuple, which would
+        # silently change the field's meaning.
+        if not isinstance(value, (tuple, list)):
+            raise ConfigError(
+                f"Invalid value {text!r} for --config.{key}: expected a {field_type.__name__} "
+                f"such as {section[leaf]!r}, got a single {type(value).__name__}. Write a "
+                "one-element tuple as (value,)."
+            )
     return None
 
 
@@ -220,8 +241,94 @@ def _check_positive(config: ml_collections.ConfigDict, fields: Sequence[str]) ->
             raise ConfigError(f"config.{field} must be positive, got {value!r}.")
 
 
+def _field(config: ml_collections.ConfigDict, name: str) -> Any:
+    value = config
+    for part in name.split("."):
+        value = value[part]
+    return value
+
+
+def _apply_none_literals(config: ml_collections.ConfigDict) -> None:
+    for name in NULLABLE_FIELDS:
+        section_name, _, leaf = name.rpartition(".")
+        section = _field(config, section_name) if section_name else config
+        value = section[leaf]
+        if isinstance(value, str) and value.lower() == NONE_LITERAL:
+            section[leaf] = None
+
+
+def _check_not_none(config: ml_collections.ConfigDict) -> None:
+    for name in _known_keys(config):
+        if _field(config, name) is None and name not in NULLABLE_FIELDS:
+            raise ConfigError(
+                f"config.{name} is None, but it needs a value. Only "
+                f"{', '.join(NULLABLE_FIELDS)} may be None."
+            )
+
+
+def _check_mesh_rules(config: ml_collections.ConfigDict) -> None:
+    """Check that each mesh rule is (logical_name, None | mesh_axis | tuple of mesh axes)."""
+    # Imported here because sharding imports Flax, which the flag checks above do not need.
+    from cyb_jax import sharding
+
+    rules = config.mesh.rules
+    if not isinstance(rules, (tuple, list)):
+        raise ConfigError(f"config.mesh.rules must be a tuple of rules, got {rules!r}.")
+    for rule in rules:
+        if not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str):
+            raise ConfigError(
+                f"config.mesh.rules entry {rule!r} is invalid; expected (logical_name, mesh_axes), "
+                "where mesh_axes is a mesh axis, a tuple of mesh axes or None."
+            )
+        logical, target = rule
+        if target is None:
+            continue
+        axes = (target,) if isinstance(target, str) else target
+        if not isinstance(axes, (tuple, list)) or not all(isinstance(a, str) for a in axes):
+            raise ConfigError(
+                f"config.mesh.rules maps {logical!r} to {target!r}; expected a mesh axis name, "
+                "a tuple of mesh axis names or None."
+            )
+        for axis in axes:
+            if axis in sharding.MESH_AXES:
+                continue
+            named = [name for name in sharding.MESH_AXES if name in axis]
+            hint = (
+                f" Several mesh axes are written as a tuple, e.g. {tuple(named)!r}."
+                if len(named) > 1 or (named and axis != named[0])
+                else ""
+            )
+            raise ConfigError(
+                f"config.mesh.rules maps {logical!r} to {axis!r}, which is not a mesh axis; the "
+                f"mesh axes are {', '.join(sharding.MESH_AXES)}.{hint}"
+            )
+
+
+def _check_distributions(config: ml_collections.ConfigDict) -> None:
+    window = config.pause.window
+    example = ":".join(["1"] * window)
+    for name in DISTRIBUTION_FIELDS:
+        value = _field(config, name)
+        if value in ("", None):
+            continue
+        try:
+            losses.parse_ratios(value, window, name.rpartition(".")[2])
+        except ValueError as error:
+            raise ConfigError(
+                f"config.{name}={value!r} is invalid: {error}. Give one non-negative ratio per "
+                f"pause step with a positive total, e.g. --config.{name}={example} for "
+                f"pause.window={window}."
+            ) from None
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Check field values and combinations before anything is built or compiled."""
+    """Check field values and combinations before anything is built or compiled.
+
+    Replaces the value 'none' (any case) of a field in NULLABLE_FIELDS by None,
+    because ml_collections cannot parse None from the command line.
+    """
+    _apply_none_literals(config)
+    _check_not_none(config)
     _check_choice(config.loss.name, LOSS_NAMES, "loss.name")
     _check_choice(config.model.pause_visibility, VISIBILITY_MODES, "model.pause_visibility")
     _check_choice(config.pause.input, PAUSE_INPUTS, "pause.input")
@@ -270,6 +377,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
     if config.init_from and not os.path.isdir(config.init_from):
         raise ConfigError(f"config.init_from={config.init_from!r} is not a directory.")
+    _check_distributions(config)
+    _check_mesh_rules(config)
     try:
         objective.make_loss_fn(config)  # the loss factory validates distributions and names
     except ValueError as error:
@@ -281,7 +390,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ) from None
 
 
-def _logical_dimensions(config: ml_collections.ConfigDict, model_config) -> dict[str, tuple[int, str, str]]:
+def _logical_dimensions(
+    config: ml_collections.ConfigDict, model_config
+) -> dict[str, tuple[int, str, str]]:
     """Map each logical axis to (size, config field, how to fix a size that does not divide)."""
     vocab = (
         model_config.padded_vocab_size,
@@ -290,7 +401,11 @@ def _logical_dimensions(config: ml_collections.ConfigDict, model_config) -> dict
     )
     embed = (model_config.d_model, "model.d_model", "use a multiple of {devices}")
     heads = (model_config.num_heads, "model.num_heads", "use a multiple of {devices}")
-    kv = (model_config.head_dim, "model.d_model / model.num_heads", "make the head dimension a multiple of {devices}")
+    kv = (
+        model_config.head_dim,
+        "model.d_model / model.num_heads",
+        "make the head dimension a multiple of {devices}",
+    )
     mlp = (model_config.mlp_dim, "model.mlp_dim", "use a multiple of {devices}")
     # The model runs on the flattened slots: L real tokens times W pause slots.
     length = (
@@ -315,7 +430,9 @@ def _logical_dimensions(config: ml_collections.ConfigDict, model_config) -> dict
     }
 
 
-def _rule_mesh_axes(config: ml_collections.ConfigDict, mesh_axes: Sequence[str]) -> dict[str, tuple[str, ...]]:
+def _rule_mesh_axes(
+    config: ml_collections.ConfigDict, mesh_axes: Sequence[str]
+) -> dict[str, tuple[str, ...]]:
     """Return the mesh axes of each logical name; the first rule for a name wins, as in Flax."""
     axes_by_name: dict[str, tuple[str, ...]] = {}
     for rule in config.mesh.rules:
@@ -403,6 +520,10 @@ CHECKPOINT_FIELDS = (
 )
 
 
+# Switches that only control how a run resumes, so they are not compared with config.json.
+RESUME_SWITCHES = ("allow_config_change", "restore_fallback", "reset_optimizer")
+
+
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat = {}
     for name, value in tree.items():
@@ -430,7 +551,7 @@ def config_changes(config: ml_collections.ConfigDict, workdir: str) -> list[str]
     changed = sorted(
         name
         for name in saved.keys() | current.keys()
-        if name != "allow_config_change" and saved.get(name) != current.get(name)
+        if name not in RESUME_SWITCHES and saved.get(name) != current.get(name)
     )
     changes = [f"{name}: {saved.get(name)!r} -> {current.get(name)!r}" for name in changed]
     breaking = [change for name, change in zip(changed, changes) if name in CHECKPOINT_FIELDS]

@@ -84,3 +84,79 @@ def test_command_line_errors_exit_before_training():
     assert result.returncode == 1
     assert "Error: Unknown config field --config.totl_steps" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_single_value_for_tuple_field_is_rejected():
+    with pytest.raises(configuration.ConfigError) as error:
+        configuration.check_command_line(["--config=configs/ap.py", "--config.mesh.rules=3"])
+    message = str(error.value)
+    assert "--config.mesh.rules" in message
+    assert "got a single int" in message
+    assert "(value,)" in message
+
+
+def test_none_literal_only_for_nullable_fields():
+    with pytest.raises(configuration.ConfigError) as error:
+        configuration.check_command_line(["--config=configs/ap.py", "--config.init_from=None"])
+    assert "--config.init_from" in str(error.value)
+    assert "cannot be None" in str(error.value)
+    configuration.check_command_line(["--config=configs/ap.py", "--config.data.data_dir=none"])
+
+    config = ap_config.get_config()
+    config.data.data_dir = "None"
+    configuration.validate(config)
+    assert config.data.data_dir is None
+
+
+def test_validate_rejects_none_field():
+    config = ap_config.get_config()
+    config.optimizer.clip_norm = None
+    with pytest.raises(configuration.ConfigError) as error:
+        configuration.validate(config)
+    message = str(error.value)
+    assert "config.optimizer.clip_norm is None" in message
+    assert "data.data_dir" in message
+
+
+@pytest.mark.parametrize(
+    "rules, expected",
+    [
+        (
+            (("act_batch", "data fsdp"),),
+            "Several mesh axes are written as a tuple, e.g. ('data', 'fsdp')",
+        ),
+        ((("act_batch", "data,fsdp"),), "'data,fsdp', which is not a mesh axis"),
+        ((("embed", "fsdp"), 3), "config.mesh.rules entry 3 is invalid"),
+        (
+            (("embed", ("fsdp", 2)),),
+            "expected a mesh axis name, a tuple of mesh axis names or None",
+        ),
+        ((("embed", "tensr"),), "'tensr', which is not a mesh axis"),
+    ],
+)
+def test_validate_rejects_malformed_mesh_rules(rules, expected):
+    config = ap_config.get_config()
+    config.mesh.rules = rules
+    with pytest.raises(configuration.ConfigError) as error:
+        configuration.validate(config)
+    assert expected in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("world_stop", "0:1", "must have 4 entries"),
+        ("world_stop", "0:0:-1:2", "must be non-negative"),
+        ("prior", "0:0:0:0", "must have a positive total"),
+        ("prior", "1:x:1:1", "must be numbers separated by ':'"),
+    ],
+)
+def test_validate_rejects_bad_distributions(field, value, expected):
+    config = ap_config.get_config()
+    config.loss[field] = value
+    with pytest.raises(configuration.ConfigError) as error:
+        configuration.validate(config)
+    message = str(error.value)
+    assert f"config.loss.{field}={value!r} is invalid" in message
+    assert expected in message
+    assert f"--config.loss.{field}=1:1:1:1" in message
