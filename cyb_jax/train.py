@@ -279,15 +279,17 @@ def load_init_params(state: TrainState, source_dir: str, shardings: TrainState) 
         return current
 
     params = jax.tree_util.tree_map_with_path(pick, state.params, shardings.params)
-    logging.info(
-        "init_from %s (step %d): loaded %d parameters: %s",
-        source_dir,
-        source_step,
-        len(loaded),
-        ", ".join(loaded),
+    writers.log_and_print(
+        f"init_from {source_dir} (step {source_step}): loaded {len(loaded)} parameters: "
+        f"{', '.join(loaded)}"
     )
     if skipped:
-        logging.info("init_from kept the fresh init for: %s", ", ".join(skipped))
+        message = (
+            f"init_from {source_dir}: {len(skipped)} parameters have no match of the same path "
+            f"and shape in the source and keep their fresh init: {', '.join(skipped)}"
+        )
+        logging.warning("%s", message)
+        writers.log_and_print(f"WARNING: {message}")
     return state.replace(params=params)
 
 

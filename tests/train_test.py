@@ -44,7 +44,9 @@ def _tiny_ap(data_dir, **overrides):
 
 
 def _final_params(workdir):
-    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "data")) as m:
+    with ocp.CheckpointManager(
+        os.path.join(workdir, "checkpoints"), item_names=("state", "data")
+    ) as m:
         step = m.latest_step()
         restored = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     return step, restored["state"]["params"]
@@ -107,14 +109,44 @@ def test_finished_run_only_reevaluates(data_dir, tmp_path, capsys):
     assert math.isclose(again["eval/perplexity"], first["eval/perplexity"], rel_tol=1e-6)
 
 
-def test_init_from_copies_matching_parameters(data_dir, tmp_path):
+def test_init_from_copies_matching_parameters(data_dir, tmp_path, capsys):
     source = str(tmp_path / "source")
     train.train_and_evaluate(_tiny(ce_config.get_config(), data_dir, total_steps=3), source)
     _, source_params = _final_params(source)
     target = str(tmp_path / "target")
-    config = _tiny_ap(data_dir, total_steps=1, init_from=source, **{"optimizer.learning_rate": 1e-12})
+    config = _tiny_ap(
+        data_dir,
+        total_steps=1,
+        init_from=source,
+        **{"optimizer.learning_rate": 1e-12, "model.num_layers": 2},
+    )
+    capsys.readouterr()
     train.train_and_evaluate(config, target)
+    output = capsys.readouterr().out
     _, target_params = _final_params(target)
+
+    # Every parameter path is printed at the default verbosity, loaded or skipped.
+    loaded = [
+        line for line in output.splitlines() if line.startswith(f"init_from {source} (step 3)")
+    ]
+    assert len(loaded) == 1
+    source_paths = [
+        jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(source_params)
+    ]
+    assert f"loaded {len(source_paths)} parameters" in loaded[0]
+    for path in source_paths:
+        assert path in loaded[0]
+    skipped = [line for line in output.splitlines() if line.startswith("WARNING: init_from")]
+    assert len(skipped) == 1
+    target_paths = [
+        jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(target_params)
+    ]
+    fresh = [path for path in target_paths if path not in source_paths]
+    assert any("layer_1" in path for path in fresh)
+    assert f"{len(fresh)} parameters have no match" in skipped[0]
+    for path in fresh:
+        assert path in skipped[0]
+    assert "['layer_1']['mlp']['up']['kernel'] (shape (32, 64))" in skipped[0]
     # With a vanishing learning rate the copied weights stay the source's.
     np.testing.assert_allclose(
         np.asarray(target_params["layer_0"]["mlp"]["up"]["kernel"]),
