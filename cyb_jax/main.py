@@ -88,7 +88,11 @@ def main(argv: list[str]) -> None:
     workdir = _WORKDIR.value or os.path.join("runs", config.name)
     try:
         train.train_and_evaluate(config, workdir)
-    except (configuration.ConfigError, train.NonFiniteError) as error:
+    except (
+        configuration.ConfigError,
+        train.NonFiniteError,
+        train.checkpointing.CheckpointError,
+    ) as error:
         sys.exit(f"Error: {error}")
     except preemption.Preempted as stop:
         command = shlex.join(["python", "-m", "cyb_jax.main", *sys.argv[1:]])

@@ -67,6 +67,22 @@ def make_optimizer(optimizer_config: ml_collections.ConfigDict, total_steps: int
     return optimizer, schedule
 
 
+# Optimizer settings that define what the saved optimizer state means. b1 and b2 set the
+# averaging horizons of Adam's first and second moments, and the bias correction divides
+# by 1 - b**count. Moments accumulated under other values are therefore wrong for new ones.
+# The other settings (learning rate and its schedule, weight_decay, clip_norm) only scale
+# or clip the update computed from that state, so changing them on resume is harmless.
+OPTIMIZER_DEFINITION_FIELDS = ("b1", "b2")
+
+
+def optimizer_definition(optimizer_config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Return the optimizer settings that a checkpoint records next to the optimizer state."""
+    return {
+        "name": "adamw",
+        **{name: optimizer_config[name] for name in OPTIMIZER_DEFINITION_FIELDS},
+    }
+
+
 def train_step(
     state: TrainState, batch, *, model, optimizer, objective, sample_grants=None, skip_nonfinite=False
 ):
@@ -340,13 +356,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     manager = checkpointing.make_manager(
         os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints
     )
-    latest = manager.latest_step()
-    if latest is not None:
+    definition = optimizer_definition(config.optimizer)
+    restored = None
+    if manager.latest_step() is not None:
         target = checkpointing.abstract_target(state, state_shardings)
-        state, batch_index = checkpointing.restore(manager, latest, target)
-        writers.log_and_print(
-            f"Resuming from the checkpoint at step {latest} in {workdir}/checkpoints."
+        restored = checkpointing.restore_newest_intact(
+            manager,
+            target,
+            fallback=config.restore_fallback,
+            optimizer_definition=definition,
+            fresh_opt_state=state.opt_state if config.reset_optimizer else None,
         )
+        if restored is None:
+            writers.log_and_print(
+                f"No intact checkpoint is left in {workdir}/checkpoints, so training starts "
+                "from scratch."
+            )
+    if restored is not None:
+        state, batch_index, restored_step, reset = restored
+        writers.log_and_print(
+            f"Resuming from the checkpoint at step {restored_step} in {workdir}/checkpoints."
+        )
+        if reset:
+            writers.log_and_print(
+                "The optimizer state was reset because config.reset_optimizer is set and the "
+                "checkpoint's optimizer differs; parameters and step are the checkpoint's."
+            )
     else:
         batch_index = 0
         if config.init_from:
@@ -423,6 +458,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # host synchronisation beyond the metrics fetch.
     skipped_updates = jnp.zeros((), jnp.float32)
 
+    saving = None  # the step of the newest save whose commit is not yet confirmed
+
+    def check_saving(wait: bool) -> None:
+        """Raise the error of a failed background save; with `wait`, wait for it first."""
+        nonlocal saving
+        if saving is None or (not wait and manager.is_saving_in_progress()):
+            return
+        checkpointing.wait_until_committed(manager, saving)
+        saving = None
+
+    def start_save(step: int) -> None:
+        nonlocal saving
+        check_saving(wait=True)
+        checkpointing.save(manager, step, state, batch_index, definition)
+        saving = step
+
     def flush_pending():
         nonlocal pending
         if pending is not None:
@@ -437,6 +488,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         preemption.sigterm_request() as stop_request,
     ):
         for step in range(start_step, config.total_steps):
+            check_saving(wait=False)
             batch = next(train_batches)
             state, metrics = step_fn(state, batch)
             batch_index += 1
@@ -459,13 +511,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     # Checked before saving, so that no checkpoint stores parameters
                     # that a NaN or Inf update reached.
                     check_finite(jax.device_get(metrics), done, manager)
-                checkpointing.save(manager, done, state, batch_index)
+                start_save(done)
             # NOTE: each process reads only its own flag, so a multi-process run stops cleanly
             # only if every process receives SIGTERM before the same step ends.
             if stop_request.requested and done < config.total_steps:
                 flush_pending()
                 if done % config.checkpoint_every:
-                    checkpointing.save(manager, done, state, batch_index)
+                    start_save(done)
                 checkpointing.wait_until_committed(manager, done)
                 manager.close()
                 writer.close()
