@@ -678,7 +678,7 @@ def test_optimizer_change_rejected_or_reset(data_dir, tmp_path, capsys):
     reset = _tiny_ce(data_dir, total_steps=2, reset_optimizer=True)
     reset.optimizer.b2 = 0.95
     restored = {}
-    restore = checkpointing.restore
+    restore = checkpointing.restore_checked
 
     def keep_restored(*args, **kwargs):
         state, batch_index, was_reset = restore(*args, **kwargs)
@@ -687,7 +687,7 @@ def test_optimizer_change_rejected_or_reset(data_dir, tmp_path, capsys):
 
     capsys.readouterr()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(checkpointing, "restore", keep_restored)
+        patch.setattr(checkpointing, "restore_checked", keep_restored)
         train.train_and_evaluate(reset, workdir)
     assert "The optimizer state was reset" in capsys.readouterr().out
     assert restored["reset"] is True
