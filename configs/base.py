@@ -99,9 +99,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.vocab_multiple = 128
     # RoPE base wavelength.
     config.model.rope_base = 10_000.0
-    # Slots per row in each chunk of the output head in training and evaluation: each
-    # chunk computes its logits [B, head_chunk, V + 1], reduces them to the three
-    # log-probabilities the losses read, and is recomputed in the backward pass, so the
+    # Slots per row in each chunk of the output head in training and evaluation. Each
+    # chunk computes its logits [B, head_chunk, V + 1] and reduces them to the three
+    # log-probabilities the losses read. The backward pass recomputes the chunk, so the
     # [B, L * W, V + 1] logits never exist at once. 0 computes all logits at once. Need
     # not divide L * W. docs/performance.md has the memory and time measurements.
     config.model.head_chunk = 64
