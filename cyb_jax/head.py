@@ -6,7 +6,7 @@ array, and its gradient, alive for the whole backward pass. `chunked_step_log_pr
 instead maps over chunks of slots: each chunk computes its logits [B, C, V + 1],
 reduces them to the three numbers and drops them. The chunk function is wrapped in
 `jax.checkpoint`, so the backward pass recomputes each chunk's logits instead of
-storing them, and at most one chunk of logits exists at a time in either pass.
+storing them, and neither pass forms the logits of all slots at once.
 """
 
 from collections.abc import Callable
