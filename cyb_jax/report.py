@@ -3,7 +3,7 @@
 from typing import Any
 
 
-def _format_p_value(p_value: float) -> str:
+def format_p_value(p_value: float) -> str:
     # scipy returns 0 when the p-value underflows a float64.
     return "< 1e-300" if p_value == 0 else f"= {p_value:.2g}"
 
@@ -20,7 +20,9 @@ def run_report(
     stops = ", ".join(
         f"{100 * value:.1f}% at step {i}" for i, value in enumerate(numbers["mean_stop"])
     )
-    ppl_rows = "\n".join(f"| {name} | {value:.3f} |" for name, value in numbers["perplexity"].items())
+    ppl_rows = "\n".join(
+        f"| {name} | {value:.3f} |" for name, value in numbers["perplexity"].items()
+    )
     lines = [
         f"# Analysis of {numbers['run']}",
         "",
@@ -49,7 +51,7 @@ def run_report(
     ]
     if has_calibration:
         correlations = ", ".join(
-            f"step {i}: ρ = {rho:.3f} (p {_format_p_value(p)})"
+            f"step {i}: ρ = {rho:.3f} (p {format_p_value(p)})"
             for i, (rho, p) in enumerate(zip(numbers["spearman"], numbers["spearman_p_values"]))
         )
         lines += [

@@ -17,6 +17,7 @@ import numpy as np
 
 from cyb_jax import objective as objective_lib
 from cyb_jax import plots
+from cyb_jax import report
 
 # Read-out perplexities of the CYB paper's Figure 4 (Gemma-1 2B fine-tuned on C4).
 PAPER_FIGURE4 = {
@@ -31,6 +32,9 @@ PAPER_FIGURE4 = {
 }
 # How many times the data of CYB-AP the CYB paper's baselines need to match it (Figure 6).
 PAPER_DATA_RATIOS = {"ce": 3.0, "pause_ce_3": 2.0}
+# A pause model whose every pause step has a perplexity above this multiple of step 0's
+# is reported as leaving its pause steps untrained.
+UNTRAINED_STEP_RATIO = 2.0
 # An extrapolated data ratio beyond this multiple of the largest measured budget is
 # reported only as "more than" that budget.
 EXTRAPOLATION_LIMIT = 2.0
@@ -303,7 +307,7 @@ def write_report(
                 shutil.copyfile(source, os.path.join(figure_dir, f"best_{name}"))
         stop = analysis["mean_stop"]
         spearman = ", ".join(
-            f"step {i}: {rho:.3f} (p = {p:.1g})"
+            f"step {i}: {rho:.3f} (p {report.format_p_value(p)})"
             for i, (rho, p) in enumerate(zip(analysis["spearman"], analysis["spearman_p_values"]))
         )
         sections += [
@@ -312,7 +316,9 @@ def write_report(
             f"Evaluated on {analysis['tokens']:,} tokens of {analysis['source']}. Mean expected "
             f"pauses per token {analysis['mean_pauses']:.3f} (the CYB paper's best AP model: 0.83). "
             "Stopping step averaged over tokens: "
-            + ", ".join(f"{i} pauses {100 * p:.1f}%" for i, p in enumerate(stop))
+            + ", ".join(
+                f"{i} pause{'' if i == 1 else 's'} {100 * p:.1f}%" for i, p in enumerate(stop)
+            )
             + " (CYB paper: 58 / 16 / 13 / 14%).",
             "",
             f"![pauses per token]({figure_link}/best_pause_histogram.png)",
@@ -381,6 +387,12 @@ def _label_of(runs: Sequence[RunRecord]) -> str:
     return runs[0].label
 
 
+def _pause_steps_untrained(run: RunRecord) -> bool:
+    window = int(run.value("window", 1))
+    steps = [run.value(f"eval/perplexity_step_{i}") for i in range(window)]
+    return window > 1 and min(steps[1:]) > UNTRAINED_STEP_RATIO * steps[0]
+
+
 def _ordering_notes(one_by_one: Sequence[RunRecord]) -> list[str]:
     """State whether the CYB paper's main orderings hold here."""
     by_method = {run.method: run for run in one_by_one if not run.beyond_paper}
@@ -403,6 +415,13 @@ def _ordering_notes(one_by_one: Sequence[RunRecord]) -> list[str]:
         worst = max(cyb, key=lambda run: run.perplexity)
         verdict = "holds here" if worst.method == "va" else f"does not hold here ({worst.label} is)"
         notes.append(f"- CYB-VA is the worst CYB loss: {verdict}.")
+    untrained = [run for run in one_by_one if is_cyb(run.method) and _pause_steps_untrained(run)]
+    if untrained:
+        notes.append(
+            "- Pause steps left untrained (every pause step's perplexity above "
+            f"{UNTRAINED_STEP_RATIO:g}x that of step 0, so the model does better by not "
+            "pausing): " + ", ".join(run.label for run in untrained) + "."
+        )
     collapsed = [run.label for run in one_by_one if run.collapsed]
     if collapsed:
         notes.append(
