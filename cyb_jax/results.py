@@ -353,7 +353,9 @@ def write_report(
         "",
         f"{sum(run.finished for run in [pretrained, *runs])} of {len(runs) + 1} runs finished; "
         f"{finished_seconds / 3600:.2f} hours of wall time in all. Tokens are real tokens "
-        "read (steps x batch x sequence length); a pause model runs W slots for each.",
+        "read (steps x batch x sequence length); a pause model runs W slots for each. "
+        "Minutes are the wall time of a run's processes (start-up, compilation, training and "
+        "evaluation) summed over restarts; other jobs sharing the machine make them longer.",
         "",
         _table(
             [

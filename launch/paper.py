@@ -414,7 +414,7 @@ def write_report(scale_name, scale, root, pretrain, runs, timings, output, argum
         + ("" if scale.eval_max_batches < 0 else f", first {scale.eval_max_batches} batches"),
         "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, no accelerator; "
         f"Python {platform.python_version()}",
-        "code": f"commit {_commit()}",
+        "code": f"report written at commit {_commit()}",
     }
     flags = "" if scale_name == "laptop" else f" --scale={scale_name}"
     if arguments.root_given:
