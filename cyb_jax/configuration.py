@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import jax
 import ml_collections
 
+from cyb_jax import attention
 from cyb_jax import losses
 from cyb_jax import objective
 
@@ -332,6 +333,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_choice(config.loss.name, LOSS_NAMES, "loss.name")
     _check_choice(config.model.pause_visibility, VISIBILITY_MODES, "model.pause_visibility")
     _check_choice(config.pause.input, PAUSE_INPUTS, "pause.input")
+    _check_choice(config.model.attention, attention.IMPLEMENTATIONS, "model.attention")
     _check_choice(config.loss.discount_kind, DISCOUNT_KINDS, "loss.discount_kind")
     _check_positive(
         config,

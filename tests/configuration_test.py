@@ -72,6 +72,10 @@ def test_validate_rejects_inconsistent_fields():
     config.model.num_heads = 3
     with pytest.raises(configuration.ConfigError, match="num_heads"):
         configuration.validate(config)
+    config = ap_config.get_config()
+    config.model.attention = "flash"
+    with pytest.raises(configuration.ConfigError, match="model.attention='flash' is invalid; expected one of fused, reference"):
+        configuration.validate(config)
 
 
 def test_command_line_errors_exit_before_training():
