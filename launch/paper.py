@@ -99,7 +99,7 @@ SCALES = {
             "ap_private",
         ),
         figure6_methods=("ce", "pause_ce_3", "ap"),
-        extras=(("ap", "aux"), ("ap", "token"), ("pause_ce_3", "token")),
+        extras=(("ap", "aux"), ("ap", "token"), ("ap", "warmup"), ("pause_ce_3", "token")),
     ),
     # Seconds per run: for the pipeline test.
     "tiny": Scale(
@@ -153,6 +153,7 @@ REGIMES = {"1x1": (1, 1), "2x1": (2, 1), "1x2": (1, 2), "1x3": (1, 3)}
 TWEAKS = {
     "aux": ("auxiliary per-step cross-entropy", lambda steps: {"loss.step_ce_weight": 1.0}),
     "token": ("token-carrying pauses", lambda steps: {"pause.input": "token+code"}),
+    "warmup": ("DK warm-up", lambda steps: {"loss.dk_warmup_steps": max(1, steps // 4)}),
     "aux+token+warmup": (
         "auxiliary per-step cross-entropy, token-carrying pauses, DK warm-up",
         lambda steps: {
