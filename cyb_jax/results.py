@@ -218,7 +218,7 @@ def write_report(
             _format(run.value(f"eval/perplexity_step_{i}"))
             for i in range(int(run.value("window", 1)))
         ]
-        paper = PAPER_FIGURE4.get(run.method)
+        paper = None if run.beyond_paper else PAPER_FIGURE4.get(run.method)
         rows.append(
             (
                 run.label + (f" ({run.beyond_paper})" if run.beyond_paper else ""),
