@@ -32,6 +32,32 @@ class ModelSize:
     vocab_size: int
     tokens_per_batch: int  # real tokens per step; the batch size is this over seq_len
 
+    @classmethod
+    def add_arguments(cls, parser, *, vocab: int, repeats: int) -> None:
+        """Add the model-size flags and --repeats to an argparse parser."""
+        parser.add_argument("--layers", type=int, default=2, help="decoder layers")
+        parser.add_argument("--d-model", type=int, default=128, help="model width")
+        parser.add_argument("--heads", type=int, default=4, help="attention heads")
+        parser.add_argument("--mlp-dim", type=int, default=384, help="hidden width of the MLP")
+        parser.add_argument("--vocab", type=int, default=vocab, help="real tokens V")
+        parser.add_argument(
+            "--tokens-per-batch", type=int, default=1024, help="real tokens per train step"
+        )
+        parser.add_argument(
+            "--repeats", type=int, default=repeats, help="timing rounds; each times every case once"
+        )
+
+    @classmethod
+    def from_arguments(cls, args) -> "ModelSize":
+        return cls(
+            num_layers=args.layers,
+            d_model=args.d_model,
+            num_heads=args.heads,
+            mlp_dim=args.mlp_dim,
+            vocab_size=args.vocab,
+            tokens_per_batch=args.tokens_per_batch,
+        )
+
     def describe(self) -> str:
         return (
             f"layers={self.num_layers} d_model={self.d_model} heads={self.num_heads} "

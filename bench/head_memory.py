@@ -46,28 +46,11 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=4, help="slots per token W")
     parser.add_argument("--visibility", default="private", help="pause visibility mode")
     parser.add_argument("--seq-len", type=int, default=256, help="real tokens L per row")
-    parser.add_argument("--layers", type=int, default=2, help="decoder layers")
-    parser.add_argument("--d-model", type=int, default=128, help="model width")
-    parser.add_argument("--heads", type=int, default=4, help="attention heads")
-    parser.add_argument("--mlp-dim", type=int, default=384, help="hidden width of the MLP")
-    parser.add_argument("--vocab", type=int, default=32768, help="real tokens V")
-    parser.add_argument(
-        "--tokens-per-batch", type=int, default=1024, help="real tokens per train step"
-    )
-    parser.add_argument(
-        "--repeats", type=int, default=3, help="timing rounds; each times one step of every head"
-    )
+    common.ModelSize.add_arguments(parser, vocab=32768, repeats=3)
     parser.add_argument("--no-time", action="store_true", help="report memory only")
     args = parser.parse_args()
 
-    size = common.ModelSize(
-        num_layers=args.layers,
-        d_model=args.d_model,
-        num_heads=args.heads,
-        mlp_dim=args.mlp_dim,
-        vocab_size=args.vocab,
-        tokens_per_batch=args.tokens_per_batch,
-    )
+    size = common.ModelSize.from_arguments(args)
     chunks = [int(part) for part in args.chunks.split(",")]
     if chunks[0] != 0:
         raise ValueError(f"--chunks must start with 0, the full-logits head, got {args.chunks}")

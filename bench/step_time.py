@@ -235,17 +235,7 @@ def main() -> None:
     parser.add_argument("--visibilities", default="visible,private", help="pause visibility modes")
     parser.add_argument("--seq-lens", default="256,1024", help="comma-separated real tokens L")
     parser.add_argument("--no-baseline", action="store_true", help="skip the plain ce model at W=1")
-    parser.add_argument("--layers", type=int, default=2, help="decoder layers")
-    parser.add_argument("--d-model", type=int, default=128, help="model width")
-    parser.add_argument("--heads", type=int, default=4, help="attention heads")
-    parser.add_argument("--mlp-dim", type=int, default=384, help="hidden width of the MLP")
-    parser.add_argument("--vocab", type=int, default=1024, help="real tokens V")
-    parser.add_argument(
-        "--tokens-per-batch", type=int, default=1024, help="real tokens per train step"
-    )
-    parser.add_argument(
-        "--repeats", type=int, default=5, help="timing rounds; each times one step of every case"
-    )
+    common.ModelSize.add_arguments(parser, vocab=1024, repeats=5)
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -257,14 +247,7 @@ def main() -> None:
         args.tokens_per_batch = 256
         args.repeats = 3
 
-    size = common.ModelSize(
-        num_layers=args.layers,
-        d_model=args.d_model,
-        num_heads=args.heads,
-        mlp_dim=args.mlp_dim,
-        vocab_size=args.vocab,
-        tokens_per_batch=args.tokens_per_batch,
-    )
+    size = common.ModelSize.from_arguments(args)
     cases = []
     for seq_len in parse_list(args.seq_lens, int):
         if not args.no_baseline:
