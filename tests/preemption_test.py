@@ -29,6 +29,7 @@ from cyb_jax import data
 from cyb_jax import objective as objective_lib
 from cyb_jax import preemption
 from cyb_jax import train
+from tests import tiny
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_SECONDS = 240
@@ -150,23 +151,14 @@ def test_sigterm_saves_exits_and_resumes(data_dir, tmp_path):
 
 
 def _tiny_ce(data_dir, **overrides):
-    config = ce_config.get_config()
-    config.data.data_dir = data_dir
-    config.data.seq_len = 32
-    config.data.batch_size = 4
-    config.data.eval_max_batches = 1
-    config.model.num_layers = 1
-    config.model.d_model = 32
-    config.model.num_heads = 2
-    config.model.mlp_dim = 64
-    config.total_steps = 2
-    config.eval_every = 2
-    config.checkpoint_every = 2
-    config.log_every = 1
-    config.optimizer.warmup_steps = 1
-    for key, value in overrides.items():
-        config[key] = value
-    return config
+    defaults = {
+        "data.eval_max_batches": 1,
+        "total_steps": 2,
+        "eval_every": 2,
+        "checkpoint_every": 2,
+        "optimizer.warmup_steps": 1,
+    }
+    return tiny.configure(ce_config.get_config(), data_dir, **{**defaults, **overrides})
 
 
 def test_failed_background_save_stops_run(data_dir, tmp_path, monkeypatch):
@@ -423,15 +415,6 @@ sys.exit(1 if any(statuses.values()) else 0)
 """
 
 
-def _final_params(workdir):
-    with ocp.CheckpointManager(
-        os.path.join(workdir, "checkpoints"), item_names=("state", "data")
-    ) as m:
-        step = m.latest_step()
-        restored = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    return step, restored["state"]["params"]
-
-
 def _steps(workdir):
     with ocp.CheckpointManager(
         os.path.join(workdir, "checkpoints"), item_names=("state", "data")
@@ -516,8 +499,8 @@ def test_sigkill_resume_is_exact(data_dir, tmp_path):
         for index, digest in resumed_batches.items():
             assert digest == straight_batches[index], (loss, index)
 
-        step_straight, params_straight = _final_params(os.path.join(root, "straight", loss))
-        step_resumed, params_resumed = _final_params(os.path.join(root, "killed", loss))
+        step_straight, params_straight = tiny.final_params(os.path.join(root, "straight", loss))
+        step_resumed, params_resumed = tiny.final_params(os.path.join(root, "killed", loss))
         assert step_straight == step_resumed == KILL_TOTAL_STEPS
         straight_leaves = jax.tree_util.tree_leaves_with_path(params_straight)
         resumed_leaves = jax.tree_util.tree_leaves_with_path(params_resumed)

@@ -6,12 +6,12 @@ import os
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from configs import ap as ap_config
 from configs import ce as ce_config
 from cyb_jax import train
+from tests import tiny
 
 
 @pytest.fixture(scope="session")
@@ -20,36 +20,18 @@ def data_dir(tmp_path_factory):
 
 
 def _tiny(config, data_dir, **overrides):
-    config.data.data_dir = data_dir
-    config.data.seq_len = 32
-    config.data.batch_size = 4
-    config.data.eval_max_batches = 2
-    config.model.num_layers = 1
-    config.model.d_model = 32
-    config.model.num_heads = 2
-    config.model.mlp_dim = 64
-    config.total_steps = 6
-    config.eval_every = 3
-    config.checkpoint_every = 3
-    config.log_every = 1
-    config.optimizer.warmup_steps = 2
-    for key, value in overrides.items():
-        section, _, field = key.rpartition(".")
-        (config[section] if section else config)[field] = value
-    return config
+    defaults = {
+        "data.eval_max_batches": 2,
+        "total_steps": 6,
+        "eval_every": 3,
+        "checkpoint_every": 3,
+        "optimizer.warmup_steps": 2,
+    }
+    return tiny.configure(config, data_dir, **{**defaults, **overrides})
 
 
 def _tiny_ap(data_dir, **overrides):
     return _tiny(ap_config.get_config(), data_dir, **{"pause.window": 2, **overrides})
-
-
-def _final_params(workdir):
-    with ocp.CheckpointManager(
-        os.path.join(workdir, "checkpoints"), item_names=("state", "data")
-    ) as m:
-        step = m.latest_step()
-        restored = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    return step, restored["state"]["params"]
 
 
 def test_summary_has_reported_quantities(data_dir, tmp_path):
@@ -93,8 +75,8 @@ def test_rerun_resumes_to_same_parameters(data_dir, tmp_path, capsys):
     train.train_and_evaluate(_tiny_ap(data_dir), resumed)
     assert "Resuming from the checkpoint at step 3" in capsys.readouterr().out
 
-    step_a, params_a = _final_params(straight)
-    step_b, params_b = _final_params(resumed)
+    step_a, params_a = tiny.final_params(straight)
+    step_b, params_b = tiny.final_params(resumed)
     assert step_a == step_b == 6
     for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -112,7 +94,7 @@ def test_finished_run_only_reevaluates(data_dir, tmp_path, capsys):
 def test_init_from_copies_matching_parameters(data_dir, tmp_path, capsys):
     source = str(tmp_path / "source")
     train.train_and_evaluate(_tiny(ce_config.get_config(), data_dir, total_steps=3), source)
-    _, source_params = _final_params(source)
+    _, source_params = tiny.final_params(source)
     target = str(tmp_path / "target")
     config = _tiny_ap(
         data_dir,
@@ -123,7 +105,7 @@ def test_init_from_copies_matching_parameters(data_dir, tmp_path, capsys):
     capsys.readouterr()
     train.train_and_evaluate(config, target)
     output = capsys.readouterr().out
-    _, target_params = _final_params(target)
+    _, target_params = tiny.final_params(target)
 
     # Every parameter path is printed at the default verbosity, loaded or skipped.
     loaded = [
