@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -453,9 +454,10 @@ def test_sigkill_resume_is_exact(data_dir, tmp_path):
 
     children = {}
     while len(children) < len(KILL_LOSSES):
+        # Forked children share the output pipe, so a line may hold other text too.
         line = process.wait_for("child ")
-        _, loss, _, pid = line.split()
-        children[loss] = int(pid)
+        for match in re.finditer(r"child (\w+) pid (\d+)", line):
+            children[match[1]] = int(match[2])
     process.wait_for("commit held for")
     deadline = time.monotonic() + TIMEOUT_SECONDS
     while not killable_runs_held():
