@@ -73,6 +73,8 @@ class _Run:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            # Its own process group, so that kill_group also reaches the processes it forks.
+            start_new_session=True,
         )
         self.lines: list[str] = []
         self._queue: queue.Queue = queue.Queue()
@@ -82,6 +84,13 @@ class _Run:
         for line in self.process.stdout:
             self._queue.put(line)
         self._queue.put(None)
+
+    def kill_group(self) -> None:
+        """SIGKILL the process and whatever it forked that still runs."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def wait_for(self, text: str) -> str:
         """Return the first output line containing `text`; fail on exit or timeout."""
@@ -423,7 +432,7 @@ def _steps(workdir):
         return list(m.all_steps())
 
 
-def test_sigkill_resume_is_exact(data_dir, tmp_path):
+def test_sigkill_resume_is_exact(data_dir, tmp_path, request):
     """A SIGKILLed run, rerun, ends bitwise equal to an uninterrupted one, for every loss.
 
     Each loss's killable run is SIGKILLed while it waits for the batch after
@@ -440,6 +449,8 @@ def test_sigkill_resume_is_exact(data_dir, tmp_path):
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
     }
     process = _Run([root, data_dir], command=("-c", KILLED_PROCESS), environment=cache)
+    # A failing assertion must not leave the forked training processes behind.
+    request.addfinalizer(process.kill_group)
 
     def killable_runs_held():
         held = all(
