@@ -107,13 +107,14 @@ def collect_records(
     batches: Iterable[dict[str, np.ndarray]],
 ) -> TokenRecords:
     """Evaluate every batch and keep the per-token quantities of tokens with weight > 0."""
-    compute = jax.jit(
-        functools.partial(_per_token, model_config=model_config, loss_name=loss_name)
-    )
+    compute = jax.jit(functools.partial(_per_token, model_config=model_config, loss_name=loss_name))
     parts: dict[str, list[np.ndarray]] = {}
     rows_seen = 0
     for batch in batches:
-        arrays = {key: jnp.asarray(batch[key]) for key in ("inputs", "targets", "positions", "segment_ids")}
+        arrays = {
+            key: jnp.asarray(batch[key])
+            for key in ("inputs", "targets", "positions", "segment_ids")
+        }
         values = jax.device_get(compute(params, arrays))
         keep = np.asarray(batch["weights"]) > 0
         row_index = rows_seen + np.broadcast_to(np.arange(keep.shape[0])[:, None], keep.shape)
@@ -203,7 +204,9 @@ def token_table(
             ]
             members.sort(key=lambda entry: (-entry["count"], entry["token"]))
             for entry in members[:per_group]:
-                table.append({"median_level": median_level, "variance_level": variance_level, **entry})
+                table.append(
+                    {"median_level": median_level, "variance_level": variance_level, **entry}
+                )
     return table
 
 
@@ -246,8 +249,10 @@ def _passages(records: TokenRecords, piece_of: Callable[[int], str], count: int)
     for start in sorted(first)[:count]:
         same = keys == keys[start]
         passages.append(
-            [(piece_of(int(token)), float(pauses))
-             for token, pauses in zip(records.targets[same], records.pauses[same])]
+            [
+                (piece_of(int(token)), float(pauses))
+                for token, pauses in zip(records.targets[same], records.pauses[same])
+            ]
         )
     return passages
 
@@ -290,30 +295,39 @@ def write_analysis(
         path("pause_histogram.png"),
     )
     plots.stopping_distribution(
-        timing["mean_stop"], f"{run_name}: stopping step averaged over tokens",
+        timing["mean_stop"],
+        f"{run_name}: stopping step averaged over tokens",
         path("stopping_distribution.png"),
     )
     calibrated = None
     if window > 1:
         calibrated = calibration(records)
         plots.calibration(
-            calibrated["dont_know"], calibrated["gain"], calibrated["spearman"],
+            calibrated["dont_know"],
+            calibrated["gain"],
+            calibrated["spearman"],
             f"{run_name}: don't-know against the gain of waiting one step",
             path("calibration.png"),
         )
     ppl = perplexities(records)
     plots.perplexity_bars(
-        list(ppl), list(ppl.values()), f"{run_name}: validation perplexity by read-out",
+        list(ppl),
+        list(ppl.values()),
+        f"{run_name}: validation perplexity by read-out",
         path("perplexity.png"),
     )
-    plots.learning_curves({run_name: curves}, f"{run_name}: learning curves", path("learning_curves.png"))
+    plots.learning_curves(
+        {run_name: curves}, f"{run_name}: learning curves", path("learning_curves.png")
+    )
     table = token_table(records)
     token_markdown = _token_markdown(table, piece_of)
     with open(path("tokens.md"), "w", encoding="utf-8") as handle:
         handle.write(f"# Tokens by pauses: {run_name}\n\n{token_markdown}\n")
     plots.passages_html(
-        _passages(records, piece_of, passage_count), window - 1,
-        f"{run_name}: expected pauses per token", path("passages.html"),
+        _passages(records, piece_of, passage_count),
+        window - 1,
+        f"{run_name}: expected pauses per token",
+        path("passages.html"),
     )
 
     numbers = {
@@ -332,13 +346,15 @@ def write_analysis(
     with open(path("numbers.json"), "w", encoding="utf-8") as handle:
         json.dump(numbers, handle, indent=2)
     with open(path("report.md"), "w", encoding="utf-8") as handle:
-        handle.write(report.run_report(
+        handle.write(
+            report.run_report(
                 numbers,
                 token_markdown,
                 calibrated is not None,
                 min_token_count=MIN_TOKEN_COUNT,
                 tokens_per_group=TOKENS_PER_GROUP,
-            ))
+            )
+        )
     return numbers
 
 
@@ -352,10 +368,14 @@ def write_comparison(
     names = list(numbers_by_run)
     values = [numbers_by_run[name]["perplexity"]["read-out (mixture)"] for name in names]
     plots.perplexity_bars(
-        names, values, "Validation perplexity under each model's read-out rule",
+        names,
+        values,
+        "Validation perplexity under each model's read-out rule",
         os.path.join(out_dir, "perplexity.png"),
     )
-    plots.learning_curves(curves_by_run, "Learning curves", os.path.join(out_dir, "learning_curves.png"))
+    plots.learning_curves(
+        curves_by_run, "Learning curves", os.path.join(out_dir, "learning_curves.png")
+    )
     rows = "\n".join(
         f"| {name} | {numbers['loss']} | {numbers['window']} | "
         f"{numbers['perplexity']['read-out (mixture)']:.3f} | {numbers['mean_pauses']:.3f} | "
@@ -425,6 +445,13 @@ def main(argv: Sequence[str]) -> None:
     workdirs = list(argv[1:])
     if not workdirs:
         raise app.UsageError("Give at least one workdir: python -m cyb_jax.analyze runs/ap")
+    # Checked before the first run is analysed, which takes a while.
+    for workdir in workdirs:
+        if not os.path.isfile(os.path.join(workdir, "config.json")):
+            raise app.UsageError(
+                f"{workdir} is not a training workdir: it has no config.json. Give the "
+                "directories training runs wrote, such as runs/ap."
+            )
     if not values["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     numbers_by_run, curves_by_run = {}, {}
@@ -456,16 +483,18 @@ def run_cli() -> None:
     from absl import flags
 
     flags.DEFINE_string(
-        "text_file", None, "Evaluate on this text file (one document per line) instead of the "
-        "validation split."
+        "text_file",
+        None,
+        "Evaluate on this text file (one document per line) instead of the validation split.",
     )
     flags.DEFINE_integer(
         "max_batches", None, "Evaluate at most this many batches; default: the whole split."
     )
     flags.DEFINE_integer("passages", 4, "Passages shaded in passages.html.")
     flags.DEFINE_string(
-        "comparison_dir", None, "Folder for the comparison of several runs; default: "
-        "comparison/ beside the first workdir."
+        "comparison_dir",
+        None,
+        "Folder for the comparison of several runs; default: comparison/ beside the first workdir.",
     )
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     app.run(main)

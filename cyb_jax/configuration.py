@@ -12,6 +12,7 @@ import difflib
 import importlib.util
 import json
 import os
+import sys
 import unicodedata
 from typing import Any, Sequence
 
@@ -137,6 +138,11 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
     """Import a config file and return its `get_config()`."""
     if not os.path.isfile(path):
         raise ConfigError(missing_config_message(path))
+    # Config files import their siblings as `configs.base`; make that package importable
+    # when the command runs outside the repository root.
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(folder) == "configs" and os.path.dirname(folder) not in sys.path:
+        sys.path.insert(0, os.path.dirname(folder))
     spec = importlib.util.spec_from_file_location("_cyb_jax_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

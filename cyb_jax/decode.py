@@ -286,8 +286,7 @@ def generate(
     cache = init_cache(model_config, batch, capacity)
     rngs = [np.random.default_rng([options.seed, row]) for row in range(batch)]
     results = [
-        Generation(list(prompt), [], [], 0, len(row) * window)
-        for prompt, row in zip(prompts, fed)
+        Generation(list(prompt), [], [], 0, len(row) * window) for prompt, row in zip(prompts, fed)
     ]
 
     def run(tokens, steps, positions, counts):
@@ -347,9 +346,7 @@ def generate(
                         current[row].append(logits[row, 0])
                         record(row, len(fed[row]) - 1, i + 1, logits[row, 0])
             # Drop the pauses: the cache keeps the real slots only.
-            cache = cache._replace(
-                length=jnp.asarray([len(row) for row in fed], jnp.int32)
-            )
+            cache = cache._replace(length=jnp.asarray([len(row) for row in fed], jnp.int32))
             stops = [len(current[row]) - 1 for row in range(batch)]
         else:
             for row in range(batch):
@@ -450,7 +447,10 @@ def main(argv: Sequence[str]) -> None:
         logging.set_verbosity(logging.WARNING)
     if not values.prompt:
         raise app.UsageError("Give at least one --prompt.")
-    run = load_run(values.workdir, values.step)
+    try:
+        run = load_run(values.workdir, values.step)
+    except FileNotFoundError as error:
+        raise app.UsageError(str(error)) from None
     vocabulary = run.vocabulary
     options = SamplingOptions(
         temperature=values.temperature,
@@ -518,7 +518,10 @@ def run_cli() -> None:
     flags.DEFINE_bool("ignore_eos", False, "Keep generating after the EOS token.")
     flags.DEFINE_bool("show_pauses", False, "Mark each generated token with its pauses.")
     flags.DEFINE_enum(
-        "colour", "auto", ["auto", "always", "never"], "Colour marks: auto uses colour on a terminal."
+        "colour",
+        "auto",
+        ["auto", "always", "never"],
+        "Colour marks: auto uses colour on a terminal.",
     )
     flags.mark_flag_as_required("workdir")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -428,7 +428,8 @@ def _ordering_notes(one_by_one: Sequence[RunRecord]) -> list[str]:
     if collapsed:
         notes.append(
             "- Collapsed to no pauses: " + ", ".join(collapsed) + ". Their reruns with the "
-            "countermeasures of the design note are the rows marked beyond the CYB paper."
+            "countermeasures of the README's section 'Pauses must be used' are the rows "
+            "marked beyond the CYB paper."
         )
     if not notes:
         return []

@@ -17,7 +17,7 @@ fresh init, with the DK prior psi = 0.9) on the same data in the same order:
 
 The pretraining rows and the fine-tuning rows are disjoint parts of the training
 split (data.train_rows_offset). A CYB run that collapses to no pauses is rerun
-with the design note's countermeasures, first the auxiliary per-step
+with the countermeasures of the README's "Pauses must be used", first the auxiliary per-step
 cross-entropy, then also token-carrying pauses and a DK warm-up. A scale may also
 list extras: 1x1 runs with one of those changes whatever the results. Both kinds
 are labelled as beyond the CYB paper. Finally the best CYB model of regime 1x1
@@ -148,7 +148,7 @@ METHODS = {
 BEYOND_PAPER = {"ap_private": "private pause attention"}
 # Regime -> (passes P, data multiple D).
 REGIMES = {"1x1": (1, 1), "2x1": (2, 1), "1x2": (1, 2), "1x3": (1, 3)}
-# Changes beyond the CYB paper, from the design note: name -> (description, overrides
+# Changes beyond the CYB paper (README, "Pauses must be used"): name -> (description, overrides
 # as a function of the run's total steps).
 TWEAKS = {
     "aux": ("auxiliary per-step cross-entropy", lambda steps: {"loss.step_ce_weight": 1.0}),

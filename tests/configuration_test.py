@@ -1,5 +1,6 @@
 """Tests of command-line and config checks: each bad input fails with a message naming the fix."""
 
+import os
 import subprocess
 import sys
 
@@ -8,6 +9,8 @@ import pytest
 from configs import ap as ap_config
 from configs import ce as ce_config
 from cyb_jax import configuration
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_missing_config_suggests_close_name():
@@ -74,7 +77,10 @@ def test_validate_rejects_inconsistent_fields():
         configuration.validate(config)
     config = ap_config.get_config()
     config.model.attention = "flash"
-    with pytest.raises(configuration.ConfigError, match="model.attention='flash' is invalid; expected one of fused, reference"):
+    with pytest.raises(
+        configuration.ConfigError,
+        match="model.attention='flash' is invalid; expected one of fused, reference",
+    ):
         configuration.validate(config)
 
 
@@ -164,3 +170,15 @@ def test_validate_rejects_bad_distributions(field, value, expected):
     assert f"config.loss.{field}={value!r} is invalid" in message
     assert expected in message
     assert f"--config.loss.{field}=1:1:1:1" in message
+
+
+def test_config_file_loads_from_outside_the_repository(tmp_path):
+    path = os.path.join(REPOSITORY, "configs", "va.py")
+    script = (
+        f"from cyb_jax import configuration; print(configuration.load_config_file({path!r}).name)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "va"
