@@ -83,7 +83,11 @@ if [[ $dry_run -eq 1 ]] || ! "${tpu[@]}" describe "$name" "${where[@]}" >/dev/nu
 fi
 run "${tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command="mkdir -p $remote_dir"
 run "${tpu[@]}" scp --recurse cyb_jax configs launch setup.py "$name:$remote_dir" "${where[@]}" --worker=all
-run "${tpu[@]}" ssh "$name" "${where[@]}" --worker=all \
-  --command="cd $remote_dir && python3 -m pip install --quiet -e . 'jax[tpu]'"
-main_command="cd $remote_dir && python3 -m cyb_jax.main $(printf '%q ' "--config=$config" "$@")"
+# cyb_jax needs Python 3.11; Ubuntu 22.04 TPU images ship 3.10, so install 3.11 when missing
+# and keep the project's packages in a virtual environment beside the code.
+install="cd $remote_dir && (command -v python3.11 >/dev/null"
+install+=" || (sudo apt-get update -qq && sudo apt-get install -y -qq python3.11 python3.11-venv))"
+install+=" && python3.11 -m venv .venv && .venv/bin/pip install --quiet -e . 'jax[tpu]'"
+run "${tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command="$install"
+main_command="cd $remote_dir && .venv/bin/python -m cyb_jax.main $(printf '%q ' "--config=$config" "$@")"
 run "${tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command="${main_command% }"

@@ -48,9 +48,9 @@ def test_tpu_pod_dry_run_for_four_hosts():
     )
     # Every later command reaches all four workers of the slice.
     assert all("--worker=all" in line for line in lines[1:])
-    assert "pip\\ install" in lines[-2]
+    assert "python3.11\\ -m\\ venv\\ .venv\\ \\&\\&\\ .venv/bin/pip\\ install" in lines[-2]
     assert lines[-1].endswith(
-        "--command=cd\\ cyb_jax\\ \\&\\&\\ python3\\ -m\\ cyb_jax.main\\ --config=configs/ap.py"
+        "--command=cd\\ cyb_jax\\ \\&\\&\\ .venv/bin/python\\ -m\\ cyb_jax.main\\ --config=configs/ap.py"
         "\\ --workdir=/mnt/shared/runs/ap\\ --config.total_steps=1000"
     )
 
