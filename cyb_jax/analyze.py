@@ -445,6 +445,9 @@ def main(argv: Sequence[str]) -> None:
     workdirs = list(argv[1:])
     if not workdirs:
         raise app.UsageError("Give at least one workdir: python -m cyb_jax.analyze runs/ap")
+    from cyb_jax import data
+
+    data.hide_accelerators_from_tensorflow()
     # Checked before the first run is analysed, which takes a while.
     for workdir in workdirs:
         if not os.path.isfile(os.path.join(workdir, "config.json")):

@@ -210,6 +210,14 @@ def _shakespeare_vocabulary(data_config: ml_collections.ConfigDict):
   return vocabulary
 
 
+def hide_accelerators_from_tensorflow() -> None:
+  """Keep TensorFlow, which only reads data here, off the GPUs, so JAX keeps their memory.
+
+  Call it before TensorFlow runs its first op.
+  """
+  tf.config.set_visible_devices([], "GPU")
+
+
 def get_vocabulary(data_config: ml_collections.ConfigDict) -> seqio.Vocabulary:
   """Return the vocabulary of `data_config.task`.
 

@@ -447,6 +447,9 @@ def main(argv: Sequence[str]) -> None:
         logging.set_verbosity(logging.WARNING)
     if not values.prompt:
         raise app.UsageError("Give at least one --prompt.")
+    from cyb_jax import data
+
+    data.hide_accelerators_from_tensorflow()
     try:
         run = load_run(values.workdir, values.step)
     except FileNotFoundError as error:

@@ -46,10 +46,14 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "run spans several processes; 'on' always; 'off' never.",
 )
 _COORDINATOR_ADDRESS = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0's coordinator service, for a multi-process run."
+    "coordinator_address",
+    None,
+    "host:port of process 0's coordinator service, for a multi-process run.",
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes of the run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Index of this process, 0 to num_processes - 1.")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "Index of this process, 0 to num_processes - 1."
+)
 _INITIALIZATION_TIMEOUT = flags.DEFINE_integer(
     "initialization_timeout", 300, "Seconds to wait for all processes to reach the coordinator."
 )
@@ -77,11 +81,11 @@ def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
         # Our own progress goes to stdout; keep the INFO chatter of TFDS and seqio out of the console.
         logging.set_verbosity(logging.WARNING)
-    import tensorflow as tf
     import tensorflow_datasets as tfds
 
-    # TensorFlow would otherwise reserve GPU memory that JAX needs.
-    tf.config.set_visible_devices([], "GPU")
+    from cyb_jax import data
+
+    data.hide_accelerators_from_tensorflow()
     tfds.disable_progress_bar()
 
     config = _CONFIG.value

@@ -32,6 +32,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from typing import Any
@@ -61,7 +62,9 @@ def load_grid(path: str) -> dict[str, Any]:
         sys.path.pop(0)
     for field in ("CONFIGS", "GRID"):
         if not hasattr(module, field):
-            raise ValueError(f"Grid file {path} defines no {field}; see launch/grid.py for the format.")
+            raise ValueError(
+                f"Grid file {path} defines no {field}; see launch/grid.py for the format."
+            )
     name = os.path.splitext(os.path.basename(path))[0]
     return {
         "configs": module.CONFIGS,
@@ -99,7 +102,9 @@ def expand(grid: dict[str, Any]) -> list[dict[str, Any]]:
                 axis_values[axis] = value
                 if axis == "config":
                     if value not in grid["configs"]:
-                        raise ValueError(f"Unknown config {value!r}; CONFIGS has {sorted(grid['configs'])}.")
+                        raise ValueError(
+                            f"Unknown config {value!r}; CONFIGS has {sorted(grid['configs'])}."
+                        )
                     config_name = value
                     continue
                 if named_overrides is not None:
@@ -109,7 +114,9 @@ def expand(grid: dict[str, Any]) -> list[dict[str, Any]]:
                 parts.append(f"{axis.rsplit('.', 1)[-1]}={_label(value)}")
             name = "__".join([config_name, *parts])
             if name in seen:
-                raise ValueError(f"Two runs of the grid share the name {name!r}; make the axes differ.")
+                raise ValueError(
+                    f"Two runs of the grid share the name {name!r}; make the axes differ."
+                )
             seen.add(name)
             runs.append(
                 {
@@ -126,7 +133,14 @@ def expand(grid: dict[str, Any]) -> list[dict[str, Any]]:
 def command(run: dict[str, Any], python: str = sys.executable) -> list[str]:
     """Return the cyb_jax.main command line of a run."""
     flags = [f"--config.{key}={value}" for key, value in run["overrides"].items()]
-    return [python, "-m", "cyb_jax.main", f"--config={run['config']}", f"--workdir={run['workdir']}", *flags]
+    return [
+        python,
+        "-m",
+        "cyb_jax.main",
+        f"--config={run['config']}",
+        f"--workdir={run['workdir']}",
+        *flags,
+    ]
 
 
 def requested_steps(run: dict[str, Any]) -> int:
@@ -178,16 +192,27 @@ def write_tables(runs: list[dict[str, Any]], root: str) -> tuple[str, str]:
         handle.write("| " + " | ".join(header) + " |\n")
         handle.write("|" + " --- |" * len(header) + "\n")
         for row in rows:
-            handle.write("| " + " | ".join(str(cell) if cell != "" else "–" for cell in row) + " |\n")
+            handle.write(
+                "| " + " | ".join(str(cell) if cell != "" else "–" for cell in row) + " |\n"
+            )
     return csv_path, markdown_path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("grid", help="grid definition file, e.g. launch/grids/figure4.py")
-    parser.add_argument("--print", dest="print_only", action="store_true", help="print the commands instead of running them")
+    parser.add_argument(
+        "--print",
+        dest="print_only",
+        action="store_true",
+        help="print the commands instead of running them",
+    )
     parser.add_argument("--table-only", action="store_true", help="only write the results table")
-    parser.add_argument("--root", help="parent directory of the workdirs (default: the grid's ROOT)")
+    parser.add_argument(
+        "--root", help="parent directory of the workdirs (default: the grid's ROOT)"
+    )
     arguments = parser.parse_args(argv)
 
     if not os.path.isfile(arguments.grid):
@@ -210,15 +235,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{index}/{len(runs)}] {run['name']}: running in {run['workdir']}", flush=True)
             result = subprocess.run(command(run), cwd=REPOSITORY)
             if result.returncode:
-                print(f"[{index}/{len(runs)}] {run['name']}: failed with exit status {result.returncode}", flush=True)
+                print(
+                    f"[{index}/{len(runs)}] {run['name']}: failed with exit status {result.returncode}",
+                    flush=True,
+                )
                 failed.append(run["name"])
     csv_path, markdown_path = write_tables(runs, grid["root"])
     print(f"Results: {csv_path} and {markdown_path}")
     if failed:
-        print(f"Failed runs: {', '.join(failed)}; rerun the same command to resume them.", file=sys.stderr)
+        print(
+            f"Failed runs: {', '.join(failed)}; rerun the same command to resume them.",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
 
 if __name__ == "__main__":
+    # Piped into `head`, stop quietly when the reader closes the pipe.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     sys.exit(main())

@@ -34,6 +34,7 @@ import math
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -512,4 +513,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Piped into `head`, stop quietly when the reader closes the pipe.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     sys.exit(main())
