@@ -173,7 +173,7 @@ def data_efficiency(
 ) -> None:
     """Draw perplexity against the data read, one line per method.
 
-    `points[method]` holds (data multiple D, passes P, perplexity) per regime PxD.
+    `points[method]` contains (data multiple D, passes P, perplexity) per regime PxD.
     One-pass regimes are joined by a line; repeated passes are hollow markers at
     the data they read (P x D), labelled with their regime.
     """

@@ -3,7 +3,7 @@
 `launch/paper.py` trains the runs; `write_report` turns their workdirs into
 docs/results.md. Each run is described by a `RunRecord`: its method (a row of
 the CYB paper's Figure 4, "the CYB paper" being Galashov et al. 2025,
-arXiv:2510.13879), its data regime (Figure 6) and what its summary.json says.
+arXiv:2510.13879), its data regime (Figure 6) and the contents of its summary.json.
 """
 
 import dataclasses
@@ -99,7 +99,7 @@ def data_needed(
     Log perplexity is interpolated linearly in log data between the method's
     one-pass points (more data is assumed to help; points are sorted by data).
     A target outside the measured range is extrapolated along the nearest
-    segment, and the second value says so: 'interpolated' or 'extrapolated'.
+    segment, and the second value is 'extrapolated' instead of 'interpolated'.
     """
     if len(tokens) < 2:
         raise ValueError("Interpolating a data curve needs at least two points.")

@@ -324,7 +324,7 @@ def test_row_budgets_nest_and_offsets_are_disjoint(config, train_rows):
   assert not collections.Counter(large_epoch + beside_epoch) - train_rows
 
 
-def test_row_budget_does_not_depend_on_the_data_seed(config):
+def test_row_budget_ignores_data_seed(config):
   budget = dict(train_rows=40, train_rows_offset=7)
   seed_0 = budget_row_hashes(make_config(config.data_dir, **budget), 40)
   seed_1 = budget_row_hashes(make_config(config.data_dir, seed=1, **budget), 40)

@@ -39,7 +39,7 @@ def test_data_needed_extrapolates_beyond_the_curve():
     assert (before, how_before) == (pytest.approx(0.5, rel=1e-12), "extrapolated")
 
 
-def test_data_needed_is_infinite_when_more_data_does_not_help():
+def test_data_needed_infinite_on_flat_curve():
     needed, how = results.data_needed([1, 2, 3], [30.0, 30.5, 31.0], 20.0)
 
     assert math.isinf(needed)
