@@ -35,6 +35,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from typing import Any
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -167,6 +168,28 @@ def is_finished(run: dict[str, Any]) -> bool:
     return summary is not None and summary.get("step") == requested_steps(run)
 
 
+def train(runs: list[dict[str, Any]], record_seconds=None) -> list[str]:
+    """Run every unfinished run one after another; return the names of those that failed.
+
+    `record_seconds(name, seconds)`, when given, receives each run's wall time.
+    """
+    failed = []
+    for index, run in enumerate(runs, 1):
+        prefix = f"[{index}/{len(runs)}] {run['name']}"
+        if is_finished(run):
+            print(f"{prefix}: finished, skipped", flush=True)
+            continue
+        print(f"{prefix}: running in {run['workdir']}", flush=True)
+        start = time.time()
+        result = subprocess.run(command(run), cwd=REPOSITORY)
+        if record_seconds is not None:
+            record_seconds(run["name"], time.time() - start)
+        if result.returncode:
+            print(f"{prefix}: failed with exit status {result.returncode}", flush=True)
+            failed.append(run["name"])
+    return failed
+
+
 def write_tables(runs: list[dict[str, Any]], root: str) -> tuple[str, str]:
     """Write results.csv and results.md under `root` with one row per run; return their paths."""
     axes = []
@@ -228,18 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     failed = []
     if not arguments.table_only:
-        for index, run in enumerate(runs, 1):
-            if is_finished(run):
-                print(f"[{index}/{len(runs)}] {run['name']}: finished, skipped", flush=True)
-                continue
-            print(f"[{index}/{len(runs)}] {run['name']}: running in {run['workdir']}", flush=True)
-            result = subprocess.run(command(run), cwd=REPOSITORY)
-            if result.returncode:
-                print(
-                    f"[{index}/{len(runs)}] {run['name']}: failed with exit status {result.returncode}",
-                    flush=True,
-                )
-                failed.append(run["name"])
+        failed = train(runs)
     csv_path, markdown_path = write_tables(runs, grid["root"])
     print(f"Results: {csv_path} and {markdown_path}")
     if failed:

@@ -37,7 +37,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from typing import Any
 
 import grid as grid_lib
@@ -334,20 +333,7 @@ class Timings:
 
 def train(runs: list[dict[str, Any]], timings: Timings) -> list[str]:
     """Run every unfinished run one after another; return the names of those that failed."""
-    failed = []
-    for index, run in enumerate(runs, 1):
-        prefix = f"[{index}/{len(runs)}] {run['name']}"
-        if grid_lib.is_finished(run):
-            print(f"{prefix}: finished, skipped", flush=True)
-            continue
-        print(f"{prefix}: running in {run['workdir']}", flush=True)
-        start = time.time()
-        result = subprocess.run(grid_lib.command(run), cwd=REPOSITORY)
-        timings.add(run["name"], time.time() - start)
-        if result.returncode:
-            print(f"{prefix}: failed with exit status {result.returncode}", flush=True)
-            failed.append(run["name"])
-    return failed
+    return grid_lib.train(runs, timings.add)
 
 
 def best_cyb_run(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
